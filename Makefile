@@ -1,0 +1,31 @@
+# The two commands (README): `make demo` runs the main job, `make test` runs everything CI checks.
+# Both create or reuse the virtual environment at .venv and install matta with every extra.
+
+VENV    := .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.matta-installed
+# Keras writes ~/.keras unless told otherwise; keep it inside the checkout.
+export KERAS_HOME := $(CURDIR)/.keras-home
+export TF_CPP_MIN_LOG_LEVEL := 2
+export MATTA_HYPOTHESIS_PROFILE ?= ci
+
+.PHONY: install demo test test-core docs serve-docs clean
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[all]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/matta demo $(ARGS)
+
+# Core + numpy reference + torch in one process.
+test-core: install
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch
+
+test: install test-core
+
+clean:
+	rm -rf $(VENV) build *.egg-info site .keras-home

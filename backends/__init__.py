@@ -1,0 +1,1 @@
+"""Backends: PyTorch and Keras 3, imported lazily by name."""

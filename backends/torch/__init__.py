@@ -1,0 +1,229 @@
+"""The PyTorch backend of matta (``backend="torch"``).
+
+Implements :class:`matta.backend.Backend` with the modules of
+:mod:`matta.backends.torch.modules`. Weights cross into the core as numpy in
+rule P2 layout; PyTorch's ``(out, in)`` kernels are transposed on the way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matta.errors import OptionError
+from matta.losses import LossOptions, StepPlan, Targets, composite_loss
+from matta.nesting import Granularity
+from matta.specs import MLP, Spec
+from matta.training import TrainingRun
+from matta.backends.torch.modules import nested_module, plain_module, torch_name
+
+__all__ = ["TorchBackend", "TorchOps", "backend"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class TorchOps:
+    """:class:`matta.losses.Ops` in PyTorch."""
+
+    def log_softmax(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(x, dim=-1)
+
+    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+    def sum_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(dim=-1)
+
+    def take_last(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.gather(x, -1, ids.unsqueeze(-1)).squeeze(-1)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+    def square(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.square(x)
+
+
+OPS = TorchOps()
+
+
+def _device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise OptionError(f"device must be a torch device string such as 'cpu' or 'cuda:0'; got {device!r}") from exc
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+class TorchBackend:
+    """matta's PyTorch backend (see :class:`matta.backend.Backend` for the contract)."""
+
+    name = "torch"
+
+    # -------------------------------------------------------------- weights
+    def _load(self, module: nn.Module, spec: Spec, weights: Mapping[str, np.ndarray], device: torch.device) -> nn.Module:
+        dtype = _DTYPES[next(iter(weights.values())).dtype.name]
+        module = module.to_empty(device=device).to(dtype)
+        self.set_weights(module, weights)
+        module.eval()  # no dropout or batch statistics anywhere: train/eval modes compute the same
+        return module
+
+    def get_weights(self, model: nn.Module) -> dict[str, np.ndarray]:
+        state = model.state_dict()
+        out = {}
+        for name in model.spec_parameters():  # type: ignore[operator]
+            key, transposed = torch_name(name)
+            t = state[key].detach()
+            out[name] = (t.T if transposed else t).cpu().numpy().copy()
+        return out
+
+    def set_weights(self, model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, value in weights.items():
+                key, transposed = torch_name(name)
+                t = torch.from_numpy(np.ascontiguousarray(value))
+                state[key].copy_(t.T if transposed else t)
+
+    # -------------------------------------------------------------- nested model
+    def build(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> nn.Module:
+        module = nested_module(spec)
+        _attach_spec(module, spec)
+        return self._load(module, spec, weights, _device(device))
+
+    def _input(self, model: nn.Module, x: np.ndarray) -> torch.Tensor:
+        device = _model_device(model)
+        if np.issubdtype(x.dtype, np.integer):
+            return torch.as_tensor(x, dtype=torch.long, device=device)
+        return torch.as_tensor(x, device=device).to(_model_dtype(model))
+
+    def forward(self, model: nn.Module, x: np.ndarray, granularity: Granularity) -> np.ndarray:
+        with torch.no_grad():
+            return model(self._input(model, x), granularity).cpu().numpy()
+
+    def _targets(self, model: nn.Module, targets: Targets[np.ndarray]) -> Targets[torch.Tensor]:
+        device, dtype = _model_device(model), _model_dtype(model)
+        convert = lambda a, dt: None if a is None else torch.as_tensor(a, device=device).to(dt)  # noqa: E731
+        return Targets(
+            hard=convert(targets.hard, torch.long),
+            soft=convert(targets.soft, dtype),
+            regression=convert(targets.regression, dtype),
+        )
+
+    def _loss(self, model: nn.Module, x: torch.Tensor, targets: Targets[torch.Tensor], plan: StepPlan,
+              options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        outputs = {term.name: model(x, term.granularity) for term in plan.terms}
+        return composite_loss(OPS, outputs, targets, plan, options)
+
+    def loss_and_gradients(self, model: nn.Module, x: np.ndarray, targets: Targets[np.ndarray], plan: StepPlan,
+                           options: LossOptions) -> tuple[float, dict[str, np.ndarray]]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = self._loss(model, self._input(model, x), self._targets(model, targets), plan, options)
+        loss.backward()
+        params = dict(model.named_parameters())
+        grads = {}
+        for name in model.spec_parameters():  # type: ignore[operator]
+            key, transposed = torch_name(name)
+            g = params[key].grad
+            g = torch.zeros_like(params[key]) if g is None else g
+            grads[name] = (g.T if transposed else g).detach().cpu().numpy().copy()
+        model.zero_grad(set_to_none=True)
+        return float(loss.item()), grads
+
+    def _optimizer(self, model: nn.Module, optimizer: Any, learning_rate: float, weight_decay: float):
+        cached = getattr(model, "_matta_optimizer", None)
+        if cached is not None and cached[0] is optimizer:
+            return cached[1]
+        params = list(model.parameters())
+        if optimizer is None:
+            opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            owned = {id(p) for p in params}
+            if not all(id(p) in owned for group in optimizer.param_groups for p in group["params"]):
+                raise OptionError("optimizer was built over other parameters; pass an optimizer class or a callable(params)")
+            opt = optimizer
+        elif isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
+            kwargs = {"lr": learning_rate}
+            if weight_decay:
+                kwargs["weight_decay"] = weight_decay
+            opt = optimizer(params, **kwargs)
+        elif callable(optimizer):
+            opt = optimizer(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise OptionError(f"optimizer(params) must return a torch.optim.Optimizer; got {type(opt).__name__}")
+        else:
+            raise OptionError(
+                "optimizer must be None (AdamW), a torch.optim.Optimizer class, an optimizer over this model's "
+                f"parameters, or a callable(params) -> optimizer; got {optimizer!r}"
+            )
+        model._matta_optimizer = (optimizer, opt)  # keeps optimizer state across fit() calls
+        return opt
+
+    def fit(self, model: nn.Module, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
+            weight_decay: float = 0.0, **kwargs: Any) -> None:
+        if kwargs:
+            raise OptionError(f"unknown fit option(s) for the torch backend: {sorted(kwargs)}")
+        opt = self._optimizer(model, optimizer, learning_rate, weight_decay)
+        model.train()
+        try:
+            for batch in run.batches():
+                x = self._input(model, batch.x)
+                loss, parts = self._loss(model, x, self._targets(model, batch.targets), batch.plan, run.options)
+                # Rule T4: check before the update, so a NaN leaves the last good weights.
+                run.record(batch.step, loss.item(), {k: v.item() for k, v in parts.items()}, batch.plan.distill)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            model.eval()
+
+    # -------------------------------------------------------------- plain models
+    def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> nn.Module:
+        module = plain_module(spec)
+        _attach_spec(module, spec)
+        return self._load(module, spec, weights, _device(device))
+
+    def plain_forward(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(self._input(model, x)).cpu().numpy()
+
+    def export(self, model: nn.Module, spec: Spec, directory: str) -> list[str]:
+        """Writes ``model.pt2``: a ``torch.export`` program that loads with ``torch.export.load`` alone."""
+        device = _model_device(model)
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        if isinstance(spec, MLP):
+            example = (torch.zeros(2, spec.d_in, dtype=_model_dtype(model), device=device),)
+            dynamic = ({0: batch},)
+        else:
+            t = min(spec.max_len, 4)
+            example = (torch.zeros(2, t, dtype=torch.long, device=device),)
+            dynamic = ({0: batch, 1: torch.export.Dim("time", min=1, max=spec.max_len)},)
+        program = torch.export.export(model, example, dynamic_shapes=dynamic)
+        torch.export.save(program, os.path.join(directory, "model.pt2"))
+        return ["model.pt2"]
+
+
+def _attach_spec(module: nn.Module, spec: Spec) -> None:
+    names = tuple(spec.parameters())
+    # A plain function attribute, not a method: keeps the module picklable-free and export-clean.
+    object.__setattr__(module, "spec_parameters", lambda: names)
+
+
+backend = TorchBackend()

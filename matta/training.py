@@ -1,0 +1,137 @@
+"""The backend-neutral half of a training run: batches, targets, plans, progress, NaN guard.
+
+A backend's ``fit`` loops over :meth:`TrainingRun.batches`, computes the
+composite loss of each batch's plan in its framework, calls
+:meth:`TrainingRun.record` with the loss *before* applying the update, and
+applies it only if ``record`` returns. So a NaN/Inf loss stops the run with
+the weights of the last good step (rule T4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+
+from matta.errors import NonFiniteLossError
+from matta.inputs import check_teacher_output
+from matta.losses import LossOptions, Schedule, StepPlan, Targets, teacher_probabilities
+from matta.specs import Spec, Transformer
+
+__all__ = ["Batch", "TrainingRun", "TeacherLike", "batch_indices"]
+
+TeacherLike = Union[None, np.ndarray, Callable[[np.ndarray], Any]]
+
+
+@dataclass
+class Batch:
+    """One step's inputs, numpy targets and plan."""
+
+    step: int
+    x: np.ndarray
+    targets: Targets[np.ndarray]
+    plan: StepPlan
+
+
+def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """Shuffled mini-batches: each epoch is a fresh permutation; the last short batch of an epoch is kept."""
+    assert num_examples > 0 and batch_size > 0 and steps >= 0
+    rng = np.random.default_rng([seed, 104729])
+    produced = 0
+    while produced < steps:
+        order = rng.permutation(num_examples)
+        for start in range(0, num_examples, batch_size):
+            if produced == steps:
+                return
+            yield order[start : start + batch_size]
+            produced += 1
+
+
+@dataclass
+class TrainingRun:
+    """Everything a backend needs to train, already validated.
+
+    Attributes:
+        history: one dict per step: ``step``, ``loss``, ``distill`` and each term's part.
+    """
+
+    spec: Spec
+    x: np.ndarray
+    y: np.ndarray
+    teacher: TeacherLike
+    options: LossOptions
+    schedule: Schedule
+    steps: int
+    batch_size: int
+    seed: int
+    dtype: str
+    progress: bool = True
+    steps_per_epoch: int = 1
+    on_epoch_end: Optional[Callable[[int], Optional[dict]]] = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_logs: list[dict[str, Any]] = field(default_factory=list)
+    _bar: Any = None
+
+    def batch_targets(self, index: np.ndarray, x: np.ndarray) -> Targets[np.ndarray]:
+        """The numpy targets of the examples ``index`` (Teacher outputs made probabilities)."""
+        y = self.y[index]
+        if self.options.task == "regression":
+            return Targets(regression=y.astype(self.dtype, copy=False))
+        soft = None
+        if self.teacher is not None:
+            raw = self.teacher[index] if isinstance(self.teacher, np.ndarray) else self.teacher(x)
+            time = x.shape[1] if isinstance(self.spec, Transformer) else None
+            raw = check_teacher_output(self.spec, raw, self.options.teacher_output, len(index), time)
+            soft = teacher_probabilities(raw, self.options).astype(self.dtype)
+        return Targets(hard=y, soft=soft)
+
+    def batches(self) -> Iterator[Batch]:
+        """The run's batches in order, with a progress bar when asked for."""
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.steps, desc="matta fit", unit="step", leave=True)
+        try:
+            for step, index in enumerate(batch_indices(len(self.x), self.batch_size, self.steps, self.seed)):
+                x = self.x[index]
+                yield Batch(step, x, self.batch_targets(index, x), self.schedule.plan(step, self.steps))
+                if self.on_epoch_end is not None and (step + 1) % self.steps_per_epoch == 0:
+                    logs = self.on_epoch_end((step + 1) // self.steps_per_epoch) or {}
+                    self.epoch_logs.append(logs)
+                    if self._bar is not None and logs:
+                        self._bar.write(" ".join(f"{k}={v:.4g}" for k, v in _flat(logs).items()))
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    def record(self, step: int, loss: float, parts: Optional[dict[str, float]] = None, distill: float = 0.0) -> None:
+        """Logs one step's loss; raises :class:`NonFiniteLossError` if it is NaN or infinite.
+
+        Backends call this *before* applying the step's update.
+        """
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {step}; the weights are those after step {step - 1}. "
+                "Lower the learning rate, check the inputs, or use float64."
+            )
+        entry = {"step": step, "loss": loss, "distill": float(distill)}
+        entry.update({f"loss/{k}": float(v) for k, v in (parts or {}).items()})
+        self.history.append(entry)
+        if self._bar is not None:
+            self._bar.update(1)
+            if step % 10 == 0 or step == self.steps - 1:
+                self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+
+def _flat(logs: dict) -> dict[str, float]:
+    out = {}
+    for k, v in logs.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{kk}": vv for kk, vv in _flat(v).items()})
+        else:
+            out[k] = v
+    return out
