@@ -32,7 +32,7 @@ class SpecError(MattaError, ValueError):
 
 
 class GranularityError(MattaError, ValueError):
-    """A granularity does not fit the spec (DESIGN §3, spec rules G1–G6)."""
+    """A granularity does not fit the spec (DESIGN §3, spec rules G1–G4)."""
 
 
 class NestingError(GranularityError):

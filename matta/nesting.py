@@ -1,4 +1,4 @@
-"""Granularities and the nesting rules (spec rules G1–G6, N1, S1–S4, D1–D2).
+"""Granularities and the nesting rules (spec rules G1–G4, N1, S1–S4, D1–D2).
 
 A *granularity* says how large every nested dimension is in a sub-network.
 Users write it in any of the forms of rule G1; :func:`resolve` turns every form
