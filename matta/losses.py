@@ -22,8 +22,8 @@ from typing import Any, Generic, Mapping, Optional, Protocol, TypeVar
 import numpy as np
 
 from matta.errors import OptionError, choice
-from matta.nesting import Granularity, check_chain, full, sample_between
-from matta.specs import Spec, Transformer
+from matta.nesting import Granularity, check_chain, full, num_params, sample_between
+from matta.specs import Spec
 
 __all__ = [
     "LossOptions",
@@ -188,9 +188,17 @@ class Schedule:
         named = {TA: self.ta, **students}
         self.order = check_chain(spec, named)  # smallest first; raises NestingError
         self.students = dict(students)
+        self._sizes = {g: num_params(spec, g) for g in named.values()}
         unknown = [k for k in options.student_weights if k not in students]
         if unknown:
             raise OptionError(f"student_weights names unknown student(s) {unknown}; students are {sorted(students)}")
+
+    def _num_params(self, g: Granularity) -> int:
+        # Declared granularities are cached (plan() runs every step and sub-specs are not free to
+        # build); sandwich's random ones are not, so a long run does not grow the cache.
+        if g in self._sizes:
+            return self._sizes[g]
+        return num_params(self.spec, g)
 
     def plan(self, step: int, total_steps: int) -> StepPlan:
         """The :class:`StepPlan` of ``step``."""
@@ -210,9 +218,7 @@ class Schedule:
                 g = sample_between(self.spec, self.students[smallest], self.ta, rng)
                 chosen.append((f"mix{k}", g, 1.0))
         # Largest first, so a chain parent is always the previous active term.
-        from matta.nesting import num_params
-
-        chosen.sort(key=lambda c: -num_params(self.spec, c[1]))
+        chosen.sort(key=lambda c: -self._num_params(c[1]))
         terms = [Term(TA, self.ta, o.ta_weight, None)]
         for name, g, w in chosen:
             parent = TA if o.parent == "ta" else terms[-1].name
