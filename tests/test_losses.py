@@ -120,3 +120,19 @@ def test_option_errors_name_the_field():
         LossOptions(ramp_start=5, ramp_end=2)
     with pytest.raises(OptionError, match=r"student_weights names unknown student\(s\) \['X'\]"):
         _schedule("all", student_weights={"X": 1.0})
+
+
+def test_student_weights_and_ta_weight_reach_the_plan():
+    """Rule L6."""
+    plan = _schedule("all", student_weights={"S": 2.5}, ta_weight=0.3).plan(0, 10)
+    assert {t.name: t.weight for t in plan.terms} == {"TA": 0.3, "M": 1.0, "S": 2.5}
+
+
+def test_teacher_logits_are_softmaxed_at_temperature_one():
+    """Rule L1: logits and the probabilities they give are the same Teacher."""
+    from matta.losses import teacher_probabilities
+
+    logits = np.array([[1.0, 2.0, -1.0]])
+    probs = teacher_probabilities(logits, LossOptions(teacher_output="logits"))
+    assert probs == pytest.approx(np.exp(_log_softmax(logits)))
+    assert teacher_probabilities(probs, LossOptions(teacher_output="probabilities")) is probs

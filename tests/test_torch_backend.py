@@ -167,3 +167,33 @@ def test_backend_of_checks_keras_before_torch():
     assert backend_of(fake_keras()) == "keras"
     with pytest.raises(matta.BackendError):
         backend_of(object())
+
+
+def test_teacher_logits_and_probabilities_train_identically():
+    """Rule L1 end to end: teacher_output='logits' and the same Teacher as probabilities give one run."""
+    from matta.losses import LossOptions, teacher_probabilities
+
+    x, y = _data(MLP_SPEC, 64)
+    logits = np.random.default_rng(1).standard_normal((64, 10)) * 3
+    probs = teacher_probabilities(logits, LossOptions())
+    runs = []
+    for kind, teacher in (("logits", logits), ("probabilities", probs)):
+        model = MatTA(MLP_SPEC, students={"S": 0.25}, backend="torch", dtype="float64", teacher_output=kind)
+        model.fit(x, y, steps=4, batch_size=16, teacher=teacher, progress=False)
+        runs.append(model.weights)
+    for k in runs[0]:
+        assert_close(runs[1][k], runs[0][k], "float64", k)
+
+
+def test_regression_task_trains_with_mse():
+    """Rule L1 (regression): MSE task and MSE distillation; evaluate reports mse and mae."""
+    spec = MLP(d_in=4, hidden=[32], d_out=2, activation="tanh")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 4)).astype("float32")
+    y = np.stack([x[:, 0] - x[:, 1], np.sin(x[:, 2])], axis=1)
+    model = MatTA(spec, students={"S": 0.25}, backend="torch", task="regression", learning_rate=1e-2)
+    before = model.evaluate(x, y)
+    model.fit(x, y, steps=100, batch_size=32, progress=False)
+    after = model.evaluate(x, y)
+    assert set(after["TA"]) == {"mse", "mae"}
+    assert after["TA"]["mse"] < 0.3 * before["TA"]["mse"] and after["S"]["mse"] < 0.5 * before["S"]["mse"], (before, after)
