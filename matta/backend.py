@@ -24,7 +24,7 @@ from matta.training import TrainingRun
 __all__ = ["Backend", "get_backend", "backend_of", "BUILTIN_BACKENDS"]
 
 #: Built-in backends: name -> module (imported on first use only).
-BUILTIN_BACKENDS = {"torch": "matta.backends.torch", "keras": "matta.backends.keras"}
+BUILTIN_BACKENDS = {"numpy": "matta.backends.numpy", "torch": "matta.backends.torch", "keras": "matta.backends.keras"}
 _CACHE: dict[str, Any] = {}
 
 

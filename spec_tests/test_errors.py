@@ -92,7 +92,7 @@ def test_errors_name_the_field_and_the_allowed_values():
         matta.MatTA(MLP(d_in=3, hidden=[4], d_out=2), backend="torch", parent="teacher")
     with pytest.raises(matta.OptionError, match=r"unknown option\(s\) \['temprature'\]; loss options are"):
         matta.MatTA(MLP(d_in=3, hidden=[4], d_out=2), backend="torch", temprature=2.0)
-    with pytest.raises(matta.BackendError, match=r"backend must be 'torch' or 'keras'"):
+    with pytest.raises(matta.BackendError, match=r"backend must be 'numpy', 'torch' or 'keras'"):
         matta.MatTA(MLP(d_in=3, hidden=[4], d_out=2), backend="mxnet")
 
 
