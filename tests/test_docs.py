@@ -238,3 +238,19 @@ def test_mkdocs_build_strict_and_offline(tmp_path: Path) -> None:
     fonts = list((site / "javascripts" / "katex" / "fonts").glob("*.woff2"))
     assert len(fonts) >= 10, "KaTeX fonts are not in the site"
     assert "fonts.googleapis" not in spec and "fonts.gstatic" not in spec
+
+
+def test_diagram_script_draws_every_committed_diagram(tmp_path: Path) -> None:
+    """``docs/scripts/diagrams.py`` still runs, and writes exactly the SVGs the docs commit and show."""
+    proc = subprocess.run(
+        [sys.executable, str(DOCS / "scripts" / "diagrams.py"), str(tmp_path)],
+        cwd=ROOT, env=_env(tmp_path, keras=False), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    drawn = sorted(p.name for p in tmp_path.glob("*.svg"))
+    committed = sorted(p.name for p in (DOCS / "assets").glob("*.svg"))
+    assert drawn == committed and drawn, (drawn, committed)
+    for name in drawn:
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert text.lstrip().startswith("<?xml") and "<svg" in text, name
+        assert any(f"assets/{name}" in p.read_text(encoding="utf-8") for p in pages()), f"{name} is not shown on any page"
