@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 
 def layout(root: Path) -> Path:
     """Mirrors ``matta/`` and ``backends/`` as ``root/build/apidocs/matta[/backends]``; returns ``build/apidocs``.
@@ -38,6 +40,7 @@ def layout(root: Path) -> Path:
     return out
 
 
+@event_priority(100)  # before mkdocstrings' own on_config, which sets up the handler and its search paths
 def on_config(config: Any) -> Any:
     """mkdocs event: build the layout before mkdocstrings reads any source."""
     layout(Path(config["config_file_path"]).resolve().parent)
