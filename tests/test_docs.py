@@ -274,3 +274,34 @@ def test_results_script_prints_the_table_it_documents(tmp_path: Path) -> None:
     assert rows == ["model", "Teacher", "MatTA TA", "MatTA S", "MatTA M", "alone S", "alone M"], proc.stdout
     documented = (DOCS / "results.md").read_text(encoding="utf-8")
     assert all(f"| {name} |" in documented for name in rows[1:]), "docs/results.md lacks a row the script prints"
+
+
+RULE_REF = re.compile(r"\b[Rr]ules?\s+((?:[A-Z]\d+[a-c]?(?:\s*[–-]\s*[A-Z]?\d+)?(?:\s*,\s*|\s+and\s+|\s+)?)+)")
+
+
+def _cited_rules() -> set[str]:
+    """Rule IDs the code names ("rule S3", "rules G1–G4, N1", "Rules S1 and D2", "rule G1c"), ranges expanded."""
+    cited: set[str] = set()
+    for path in [*(ROOT / "matta").rglob("*.py"), *(ROOT / "backends").rglob("*.py")]:
+        text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
+        for group in RULE_REF.findall(text):
+            for a, b, c in re.findall(r"([A-Z])(\d+)(?:[a-c])?(?:\s*[–-]\s*[A-Z]?(\d+))?", group):
+                cited.update(f"{a}{i}" for i in range(int(b), int(c or b) + 1))
+            cited.update(re.findall(r"[A-Z]\d+[a-c]", group))
+    return cited
+
+
+def test_the_spec_defines_every_rule_the_code_cites() -> None:
+    """Each rule ID in a code comment or docstring is a numbered rule of docs/spec.md, and vice versa."""
+    spec = (DOCS / "spec.md").read_text(encoding="utf-8")
+    defined = set(re.findall(r"^### ([A-Z]\d+) — .*\{#[a-z]\d+\}$", spec, re.M))
+    sub_rules = set(re.findall(r"^\*\*([A-Z]\d+[a-c]) — ", spec, re.M))
+    assert defined == {
+        "P1", "P2", "G1", "G2", "G3", "G4", "S1", "S2", "S3", "S4", "D1", "D2", "N1",
+        "L1", "L2", "L3", "L4", "L5", "L6", "T1", "T2", "T3", "T4", "E1", "E2", "E3", "E4", "E5",
+    }, sorted(defined)
+    cited = _cited_rules()
+    assert cited, "no rule citations found in the code: is the pattern broken?"
+    assert cited <= defined | sub_rules, f"cited but not defined in docs/spec.md: {sorted(cited - defined - sub_rules)}"
+    assert defined <= cited, f"defined in docs/spec.md but named by no code: {sorted(defined - cited)}"
+    assert {"G1a", "G1b", "G1c"} <= sub_rules
