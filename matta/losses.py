@@ -55,9 +55,9 @@ class LossOptions:
             or ``"probabilities"`` (rule L1).
         hard_label_weight: with a Teacher, the share ``β`` of hard-label cross-entropy
             mixed into the task loss: ``(1 − β)·CE(z, p_T) + β·CE(z, y)`` (rule L1).
-        ta_weight: ``w_TA``.
+        ta_weight: ``w_TA`` (rule L6).
         student_weights: ``w_g`` per student name; students not named get 1.0.
-            Random Mix'n'Match granularities of sandwich sampling get 1.0.
+            Random Mix'n'Match granularities of sandwich sampling get 1.0 (rule L6).
         parent: ``"ta"`` (every student distils from the TA) or ``"chain"`` (each
             from the next larger active granularity, as in TA-KD) (rule L2).
         stop_gradient: detach the parent in the distillation term (rule L3).

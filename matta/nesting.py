@@ -359,10 +359,9 @@ def num_params(spec: Spec, g: Granularity) -> int:
 def sample_between(spec: Spec, small: Granularity, large: Granularity, rng: np.random.Generator) -> Granularity:
     """A random Mix'n'Match granularity ``g`` with ``small ⊆ g ⊆ large`` (rule T3, sandwich sampling).
 
-    Every dimension draws a size uniformly from ``[small, large]``; kept blocks
-    are ``small``'s plus each other block of ``large`` with probability 1/2.
-    Sizes on dimensions rounded by ``multiple_of`` stay multiples where the
-    bounds allow.
+    Every dimension draws a size uniformly from the integers in ``[small, large]``
+    (not rounded to ``multiple_of``); kept blocks are ``small``'s plus each other
+    block of ``large`` with probability 1/2.
     """
     assert is_nested(small, large), "sample_between needs small ⊆ large"
     s, big = small.as_dict(), large.as_dict()
