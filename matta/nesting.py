@@ -37,6 +37,7 @@ __all__ = [
     "num_params",
     "round_size",
     "sample_between",
+    "relative_to",
 ]
 
 _EPS = 1e-9
@@ -103,14 +104,18 @@ def full(spec: Spec) -> Granularity:
 def round_size(fraction: float, full_size: int, multiple_of: int = 1) -> int:
     """Rule G3: the size a fraction gives.
 
-    ``k = multiple_of * floor(fraction * full_size / multiple_of + 1/2)`` (round
-    half up to the nearest multiple), then clamped to
-    ``[min(multiple_of, full_size), full_size]``, so every fraction keeps at
-    least one unit and never more than the full size. It is monotone in
-    ``fraction``, so nested fractions give nested sizes.
+    The allowed sizes are the multiples of ``multiple_of`` up to ``full_size``,
+    and ``full_size`` itself. The size is the allowed size nearest to
+    ``fraction * full_size`` (ties round up), and at least
+    ``min(multiple_of, full_size)``. So ``1.0`` is always the full size, every
+    fraction keeps at least one unit, and the rule is monotone in ``fraction``
+    (nested fractions give nested sizes).
     """
     assert 0 < fraction <= 1 and full_size >= 1 and multiple_of >= 1
-    k = multiple_of * math.floor(fraction * full_size / multiple_of + 0.5 + _EPS)
+    target = fraction * full_size
+    low = multiple_of * math.floor(target / multiple_of + _EPS)
+    high = min(low + multiple_of, full_size)
+    k = high if target - low >= high - target - _EPS else low
     return max(min(multiple_of, full_size), min(k, full_size))
 
 
@@ -283,7 +288,8 @@ def check_chain(spec: Spec, named: Mapping[str, Granularity]) -> list[str]:
     Raises:
         NestingError: naming the first pair that is not nested and the axis where it fails.
     """
-    order = sorted(named, key=lambda n: (num_params(spec, named[n]), n))
+    # Ties keep "TA" last, so the full model is always the top of the chain.
+    order = sorted(named, key=lambda n: (num_params(spec, named[n]), n == "TA", n))
     for a, b in zip(order, order[1:]):
         if not is_nested(named[a], named[b]):
             sa, sb = named[a].as_dict(), named[b].as_dict()
@@ -372,3 +378,23 @@ def sample_between(spec: Spec, small: Granularity, large: Granularity, rng: np.r
             low = max(low, 1)
         sizes[key] = int(rng.integers(low, high + 1))
     return Granularity(tuple(sorted(sizes.items())), tuple(sorted(blocks)))
+
+
+def relative_to(spec: Spec, outer: Granularity, inner: Granularity) -> Granularity:
+    """``inner`` written in the terms of the extracted model ``sub_spec(spec, outer)`` (rule E4).
+
+    With ``inner ⊆ outer``, ``extract(extract(W, spec, outer), sub, relative_to(spec, outer, inner))``
+    equals ``extract(W, spec, inner)``: kept blocks are renumbered as extraction
+    renumbers them (rule D2).
+    """
+    if not is_nested(inner, outer):
+        raise NestingError("relative_to needs inner ⊆ outer (rule N1)")
+    s = inner.as_dict()
+    if isinstance(spec, MLP):
+        return Granularity(inner.sizes)
+    renumber = {old: new for new, old in enumerate(outer.blocks)}
+    sizes = {"d_model": s["d_model"]}
+    for old, new in renumber.items():
+        for dim in ("n_heads", "d_ff"):
+            sizes[f"blocks.{new}.{dim}"] = s[f"blocks.{old}.{dim}"]
+    return Granularity(tuple(sorted(sizes.items())), tuple(renumber[b] for b in inner.blocks))

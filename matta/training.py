@@ -107,6 +107,20 @@ class TrainingRun:
                 self._bar.close()
                 self._bar = None
 
+    def check_gradients(self, step: int, finite: bool) -> None:
+        """Rule T4 for gradients: a finite loss can still have an overflowing gradient.
+
+        Backends call this after the backward pass and before the update.
+        """
+        if not finite:
+            raise self._non_finite(step, "a gradient became NaN or infinite")
+
+    def _non_finite(self, step: int, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{what} at step {step}; the weights are those after step {step - 1} (the update was not applied). "
+            "Lower the learning rate, check the inputs, or use float64."
+        )
+
     def record(self, step: int, loss: float, parts: Optional[dict[str, float]] = None, distill: float = 0.0) -> None:
         """Logs one step's loss; raises :class:`NonFiniteLossError` if it is NaN or infinite.
 
@@ -114,10 +128,7 @@ class TrainingRun:
         """
         loss = float(loss)
         if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"the training loss became {loss} at step {step}; the weights are those after step {step - 1}. "
-                "Lower the learning rate, check the inputs, or use float64."
-            )
+            raise self._non_finite(step, f"the training loss became {loss}")
         entry = {"step": step, "loss": loss, "distill": float(distill)}
         entry.update({f"loss/{k}": float(v) for k, v in (parts or {}).items()})
         self.history.append(entry)

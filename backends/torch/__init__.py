@@ -190,6 +190,9 @@ class TorchBackend:
                 run.record(batch.step, loss.item(), {k: v.item() for k, v in parts.items()}, batch.plan.distill)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                # One fused reduction and one host sync per step: cheap next to the backward pass.
+                run.check_gradients(batch.step, bool(torch.isfinite(torch.stack([g.abs().max() for g in grads]).sum())))
                 opt.step()
         finally:
             model.eval()

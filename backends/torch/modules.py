@@ -42,6 +42,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return y.transpose(1, 2).reshape(b, t, num_heads * d_head)  # (B, T, H*Dh)
 
 
+def prefix(weight: torch.Tensor, rows: int, cols: Optional[int] = None) -> torch.Tensor:
+    """Rule S1: the ``[:rows, :cols]`` prefix of a weight, made contiguous.
+
+    Why contiguous: a column-sliced view has a row stride larger than its width,
+    and for some shapes PyTorch's CPU GEMM then takes another kernel whose
+    float32 sums round differently (seen: 1 ulp on a 4x5 slice of a 4x6 weight).
+    The copy makes the nested forward run the exact kernel the extracted plain
+    model runs. It costs one Student-sized copy per call and is free when the
+    slice is already contiguous (row prefixes, the full TA); autograd flows
+    through it to the TA's weight.
+    """
+    w = weight[:rows] if cols is None else weight[:rows, :cols]
+    return w.contiguous()
+
+
 # ----------------------------------------------------------------------------- MLP
 class PlainMLP(nn.Module):
     """A plain MLP: ``Linear -> activation`` per hidden layer, then an output ``Linear``."""
@@ -75,8 +90,7 @@ class NestedMLP(PlainMLP):
         widths = [self.spec.d_in, *(sizes[f"hidden.{i}"] for i in range(len(self.spec.hidden))), self.spec.d_out]
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            # Prefix slices are views: no copy of the TA's weights per call.
-            x = F.linear(x, layer.weight[: widths[i + 1], : widths[i]], layer.bias[: widths[i + 1]])
+            x = F.linear(x, prefix(layer.weight, widths[i + 1], widths[i]), layer.bias[: widths[i + 1]])
             if i < last:
                 x = activation(self.activation, x)
         return x
@@ -173,22 +187,23 @@ class NestedTransformer(PlainTransformer):
         d = s["d_model"]
         eps = self.spec.layer_norm_epsilon
         d_head = self.spec.d_head
-        norm = lambda m, h: F.layer_norm(h, (d,), m.weight[:d], m.bias[:d], eps)  # noqa: E731 - rule S3
-        h = F.embedding(x, self.embed.tokens.weight[:, :d]) + self.embed.positions.weight[: x.shape[1], :d]
+        norm = lambda m, h: F.layer_norm(h, (d,), prefix(m.weight, d), prefix(m.bias, d), eps)  # noqa: E731 - rule S3
+        tokens = self.embed.tokens.weight
+        h = F.embedding(x, prefix(tokens, tokens.shape[0], d)) + prefix(self.embed.positions.weight, x.shape[1], d)
         for i in granularity.blocks:  # rule D1: kept blocks, in order
             block = self.blocks[i]
             heads, ff = s[f"blocks.{i}.n_heads"], s[f"blocks.{i}.d_ff"]
             inner = heads * d_head  # rule G4: whole heads
             att = block.attention
             a = norm(block.norm1, h)
-            q, k, v = (F.linear(a, p.weight[:inner, :d], p.bias[:inner]) for p in (att.query, att.key, att.value))
+            q, k, v = (F.linear(a, prefix(p.weight, inner, d), p.bias[:inner]) for p in (att.query, att.key, att.value))
             y = causal_attention(q, k, v, heads, d_head)
-            h = h + F.linear(y, att.output.weight[:d, :inner], att.output.bias[:d])
+            h = h + F.linear(y, prefix(att.output.weight, d, inner), att.output.bias[:d])
             a = norm(block.norm2, h)
-            a = activation("gelu", F.linear(a, block.ffn.up.weight[:ff, :d], block.ffn.up.bias[:ff]))
-            h = h + F.linear(a, block.ffn.down.weight[:d, :ff], block.ffn.down.bias[:d])
+            a = activation("gelu", F.linear(a, prefix(block.ffn.up.weight, ff, d), block.ffn.up.bias[:ff]))
+            h = h + F.linear(a, prefix(block.ffn.down.weight, d, ff), block.ffn.down.bias[:d])
         h = norm(self.final_norm, h)
-        return F.linear(h, self.head.weight[:, :d])  # (B, T, vocab): outputs never sliced (rule S4)
+        return F.linear(h, prefix(self.head.weight, self.head.weight.shape[0], d))  # (B, T, vocab): outputs never sliced (rule S4)
 
 
 def plain_module(spec: Spec) -> nn.Module:

@@ -1,0 +1,81 @@
+"""matta benchmarks: training and serving cost as ratios against plain models.
+
+Usage::
+
+    python benchmarks/run.py [--smoke] [--json PATH] [--backends torch,keras-tensorflow,keras-jax,keras-torch]
+
+Every figure is a ratio of two timings taken side by side, round-robin, in
+one run (the machines are noisy); absolute seconds are printed beside them
+with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # so "benchmarks.*" imports from a checkout
+
+from benchmarks.common import machine, table, workloads, write_json  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the benchmark runs")
+    parser.add_argument("--json", default=None, help="write all results to this JSON file")
+    parser.add_argument("--backends", default="torch", help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: training, serving, extraction, memory")
+    args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    steps, repeats = (2, 1) if args.smoke else (10, 5)
+    results: dict = {"machine": machine(), "smoke": args.smoke, "training": [], "serving": [], "extraction": {}, "memory": []}
+
+    for backend in filter(None, args.backends.split(",")):
+        if backend == "torch":
+            from benchmarks import torch_bench
+
+            for w in workloads(args.smoke):
+                if "training" not in skip:
+                    results["training"].append(torch_bench.training(w, steps, repeats))
+                if "serving" not in skip:
+                    results["serving"] += torch_bench.serving(w, repeats)
+        else:
+            raise SystemExit(f"unknown backend {backend!r}")
+
+    if "extraction" not in skip:
+        from benchmarks import extraction_bench
+
+        results["extraction"] = extraction_bench.run(smoke=args.smoke)
+    if "memory" not in skip:
+        from benchmarks import memory_bench
+
+        results["memory"] = memory_bench.run(args.smoke, [b for b in args.backends.split(",") if b])
+
+    _print(results)
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _print(r: dict) -> None:
+    print(f"machine: {r['machine']}")
+    if r["training"]:
+        print("\nTraining step (ratio = MatTA step / sum of plain steps of every size; goal <= 1.10)")
+        print(table(r["training"], ["workload", "backend", "matta_step_s", "plain_sum_s", "train_ratio", "matformer_step_s", "matformer_ratio"]))
+    if r["serving"]:
+        print("\nServing (serve_ratio = extracted Student / independent plain model, goal <= 1.02; nested_ratio = nested at S / extracted)")
+        print(table(r["serving"], ["workload", "backend", "batch", "extracted_s", "plain_s", "serve_ratio", "nested_s", "nested_ratio"]))
+    if r["extraction"]:
+        e = r["extraction"]
+        print("\nExtraction at scale (time goal <= 2x a plain copy of the Student's bytes; memory goal <= 1.2x the Student)")
+        print(table([e], ["spec", "ta_params", "student_params", "extract_s", "copy_s", "time_ratio", "peak_extra_bytes", "student_bytes", "memory_ratio"]))
+    if r["memory"]:
+        print("\nPeak RSS of training (MatTA vs the TA alone)")
+        print(table(r["memory"], ["workload", "backend", "matta_rss_mb", "ta_rss_mb", "rss_ratio", "matta_delta_mb", "ta_delta_mb", "delta_ratio"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

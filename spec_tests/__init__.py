@@ -1,0 +1,1 @@
+"""matta's conformance suite (DESIGN §7): run it against any backend with ``--backends``."""

@@ -1,0 +1,26 @@
+"""The benchmark keeps working (DESIGN: goals are checked by the benchmark, not by timed tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Training step" in proc.stdout and "Serving" in proc.stdout and "Extraction at scale" in proc.stdout
+    r = json.loads(out.read_text())
+    ratios = [row["train_ratio"] for row in r["training"]] + [row["matformer_ratio"] for row in r["training"]]
+    ratios += [row["serve_ratio"] for row in r["serving"]] + [r["extraction"]["time_ratio"], r["extraction"]["memory_ratio"]]
+    ratios += [row["rss_ratio"] for row in r["memory"]]
+    assert {row["workload"] for row in r["training"]} == {"mlp", "transformer"}
+    assert all(math.isfinite(x) and x > 0 for x in ratios), ratios
+    assert r["extraction"]["student_params"] < r["extraction"]["ta_params"]

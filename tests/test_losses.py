@@ -1,0 +1,122 @@
+"""Rules L1–L6 and T1–T3 on hand-computed examples (numpy reference ops)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from matta.errors import OptionError
+from matta.losses import LossOptions, NumpyOps, Schedule, StepPlan, Targets, Term, composite_loss, ramp
+from matta.nesting import full, is_nested, resolve
+from matta.specs import MLP
+
+OPS = NumpyOps()
+SPEC = MLP(d_in=2, hidden=[8, 8], d_out=3)
+
+
+def _log_softmax(z):
+    z = np.asarray(z, dtype=np.float64)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_ramp_shapes():
+    """Rule L5: constant, linear and cosine between ramp_start and ramp_end."""
+    lin = LossOptions(ramp="linear", ramp_start=10, ramp_end=20, distill_weight=0.8)
+    assert [ramp(lin, t, 100) for t in (0, 9, 10, 15, 20, 99)] == [0.0, 0.0, 0.0, pytest.approx(0.4), 0.8, 0.8]
+    cos = LossOptions(ramp="cosine", ramp_start=0, ramp_end=10, distill_weight=1.0)
+    assert ramp(cos, 5, 100) == pytest.approx(0.5) and ramp(cos, 2, 100) == pytest.approx((1 - math.cos(0.2 * math.pi)) / 2)
+    const = LossOptions(ramp="constant", ramp_start=3, distill_weight=0.5)
+    assert [ramp(const, t, 100) for t in (0, 2, 3, 50)] == [0.0, 0.0, 0.5, 0.5]
+    default = LossOptions()  # ramp_end defaults to a tenth of the run
+    assert ramp(default, 50, 1000) == pytest.approx(0.25) and ramp(default, 100, 1000) == 0.5
+
+
+def test_composite_loss_by_hand():
+    """DESIGN §4 formula with hard labels, chain parent and τ = 2."""
+    z_ta, z_a, z_b = np.array([[2.0, 0.0, -1.0]]), np.array([[1.0, 0.5, 0.0]]), np.array([[0.0, 0.0, 1.0]])
+    y = np.array([0])
+    opts = LossOptions(parent="chain", temperature=2.0, ta_weight=0.5)
+    g = full(SPEC)
+    plan = StepPlan(0, (Term("TA", g, 0.5, None), Term("a", g, 1.0, "TA"), Term("b", g, 2.0, "a")), 0.25)
+    total, parts = composite_loss(OPS, {"TA": z_ta, "a": z_a, "b": z_b}, Targets(hard=y), plan, opts)
+    ce = lambda z: -_log_softmax(z)[0, 0]  # noqa: E731
+
+    def kl(parent, child):
+        p, q = _log_softmax(parent / 2), _log_softmax(child / 2)
+        return 4 * float((np.exp(p) * (p - q)).sum())
+
+    expected_a = 1.0 * (0.75 * ce(z_a) + 0.25 * kl(z_ta, z_a))
+    expected_b = 2.0 * (0.75 * ce(z_b) + 0.25 * kl(z_a, z_b))
+    assert parts["TA"] == pytest.approx(0.5 * ce(z_ta))
+    assert parts["a"] == pytest.approx(expected_a) and parts["b"] == pytest.approx(expected_b)
+    assert total == pytest.approx(0.5 * ce(z_ta) + expected_a + expected_b)
+
+
+def test_soft_labels_and_hard_label_mixing():
+    """Rule L1: soft cross-entropy to Teacher probabilities, mixed with hard labels by β."""
+    z = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    p = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    y = np.array([2, 1])
+    plan = StepPlan(0, (Term("TA", full(SPEC), 1.0, None),), 0.0)
+    soft = -np.mean((p * _log_softmax(z)).sum(-1))
+    hard = -np.mean(_log_softmax(z)[[0, 1], y])
+    for beta in (0.0, 0.3, 1.0):
+        total, _ = composite_loss(OPS, {"TA": z}, Targets(hard=y, soft=p), plan, LossOptions(hard_label_weight=beta))
+        assert total == pytest.approx((1 - beta) * soft + beta * hard)
+
+
+def test_regression_uses_mse_for_task_and_distillation():
+    """Rule L1 (regression): MSE to targets; distillation is MSE to the parent, without τ."""
+    plan = StepPlan(0, (Term("TA", full(SPEC), 1.0, None), Term("S", full(SPEC), 1.0, "TA")), 0.5)
+    z_ta, z_s, y = np.array([[1.0], [2.0]]), np.array([[0.0], [1.0]]), np.array([[1.0], [1.0]])
+    total, parts = composite_loss(OPS, {"TA": z_ta, "S": z_s}, Targets(regression=y), plan,
+                                  LossOptions(task="regression", temperature=3.0))
+    assert parts["TA"] == pytest.approx(0.5)
+    assert parts["S"] == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
+
+
+def _schedule(sampling: str, parent: str = "ta", **kw) -> Schedule:
+    students = {"S": resolve(SPEC, 0.25), "M": resolve(SPEC, 0.5)}
+    return Schedule(SPEC, students, LossOptions(sampling=sampling, parent=parent, **kw), seed=3)
+
+
+def test_sampling_all_trains_every_granularity_largest_first():
+    """Rules T1–T2."""
+    plan = _schedule("all", parent="chain").plan(5, 100)
+    assert [t.name for t in plan.terms] == ["TA", "M", "S"]
+    assert [t.parent for t in plan.terms] == [None, "TA", "M"]
+    assert [t.parent for t in _schedule("all").plan(5, 100).terms] == [None, "TA", "TA"]
+
+
+def test_sampling_one_draws_a_student_per_step_reproducibly():
+    schedule = _schedule("one")
+    names = [schedule.plan(t, 100).terms[1].name for t in range(40)]
+    assert set(names) == {"S", "M"} and all(len(schedule.plan(t, 100).terms) == 2 for t in range(5))
+    assert names == [_schedule("one").plan(t, 100).terms[1].name for t in range(40)], "plans depend on seed and step only"
+
+
+def test_sandwich_draws_nested_mix_n_match_between_smallest_and_ta():
+    """Rule T3."""
+    schedule = _schedule("sandwich", num_random=2)
+    seen = set()
+    for t in range(30):
+        terms = schedule.plan(t, 100).terms
+        names = [x.name for x in terms]
+        assert names[0] == "TA" and "S" in names and len(terms) == 4 and "M" not in names
+        for term in terms:
+            assert is_nested(schedule.students["S"], term.granularity) and is_nested(term.granularity, schedule.ta)
+        seen |= {x.granularity for x in terms if x.name.startswith("mix")}
+    assert len(seen) > 10, "random Mix'n'Match granularities should vary"
+
+
+def test_option_errors_name_the_field():
+    with pytest.raises(OptionError, match="sampling must be 'all', 'sandwich' or 'one'"):
+        LossOptions(sampling="random")
+    with pytest.raises(OptionError, match=r"temperature must be a number in \(0.0, inf\]"):
+        LossOptions(temperature=0)
+    with pytest.raises(OptionError, match="ramp_end must be >= ramp_start=5"):
+        LossOptions(ramp_start=5, ramp_end=2)
+    with pytest.raises(OptionError, match=r"student_weights names unknown student\(s\) \['X'\]"):
+        _schedule("all", student_weights={"X": 1.0})

@@ -1,0 +1,169 @@
+"""The PyTorch backend through the public API: training, exactness at real sizes, export, formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import matta
+from matta import MLP, MatTA, Transformer, reference
+from spec_tests.assertions import assert_bitwise_equal, assert_close
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MLP_SPEC = MLP(d_in=64, hidden=[256, 192], d_out=10, activation="gelu", multiple_of=8)
+LM_SPEC = Transformer(vocab_size=50, max_len=32, d_model=64, n_layers=3, n_heads=4, d_ff=256,
+                      nested=("d_ff", "n_heads", "d_model"))
+GRANULARITIES = {
+    "mlp": ["TA", 0.25, 0.5, {"hidden": [64, 192]}, {"hidden": [0.75, 24]}],
+    "transformer": ["TA", 0.25, 0.5, {"d_ff": [64, 256, 128], "n_heads": [1, 4, 2]}, {"layers": [0, 2], "d_model": 32},
+                    {"n_layers": 2, "d_ff": 0.5}],
+}
+
+
+def _data(spec, n, seed=0):
+    rng = np.random.default_rng(seed)
+    if isinstance(spec, MLP):
+        centers = np.random.default_rng(99).standard_normal((spec.d_out, spec.d_in)) * 0.5  # one task for all splits
+        y = rng.integers(0, spec.d_out, n)
+        return (centers[y] + rng.standard_normal((n, spec.d_in))).astype("float32"), y
+    # A learnable sequence task: the next token is (token + 1) mod vocab.
+    start = rng.integers(0, spec.vocab_size, (n, 1))
+    seq = (start + np.arange(spec.max_len + 1)) % spec.vocab_size
+    return seq[:, :-1], seq[:, 1:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_extracted_equals_nested_bit_for_bit_at_real_sizes(spec, dtype, device):
+    """DESIGN §7.2 at sizes where BLAS blocking matters (batch 32), on every available device."""
+    model = MatTA(spec, students={}, backend="torch", dtype=dtype, device=device, seed=1)
+    x, _ = _data(spec, 32)
+    for g in GRANULARITIES[spec.family]:
+        nested = model.predict(x, g)
+        extracted = model.extract(g)
+        assert extracted.num_params == model.num_params(g) < spec.num_params or g == "TA"
+        assert_bitwise_equal(extracted.predict(x), nested, f"{spec.family} {dtype} {device} g={g}")
+        assert_close(nested, reference.forward(spec, model.weights, x, model.granularity(g)), dtype, f"g={g}")
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_fit_lowers_the_held_out_loss_of_every_granularity(spec):
+    x, y = _data(spec, 512)
+    x_val, y_val = _data(spec, 128, seed=1)
+    model = MatTA(spec, students={"S": 0.25, "M": 0.5}, backend="torch", seed=0, learning_rate=3e-3)
+    before = model.evaluate(x_val, y_val)
+    history = model.fit(x, y, steps=64, batch_size=32, validation_data=(x_val, y_val), progress=False)
+    after = model.evaluate(x_val, y_val)
+    assert len(history["steps"]) == 64 and len(history["epochs"]) == 4  # 512 / 32 = 16 steps an epoch
+    assert history["steps"][-1]["distill"] == pytest.approx(0.5) and history["steps"][0]["distill"] == 0.0
+    for name in ("TA", "S", "M"):
+        assert after[name]["loss"] < 0.7 * before[name]["loss"], (name, before[name], after[name])
+    assert history["epochs"][-1]["S"]["loss"] == pytest.approx(after["S"]["loss"])
+
+
+def test_a_teacher_array_or_callable_gives_the_same_run():
+    x, y = _data(MLP_SPEC, 128)
+    logits = np.random.default_rng(5).standard_normal((128, 10))
+    index = {x[i].tobytes(): i for i in range(len(x))}
+    runs = []
+    for teacher in (logits, lambda xb: logits[[index[r.tobytes()] for r in xb]]):
+        model = MatTA(MLP_SPEC, students={"S": 0.25}, backend="torch", seed=2, dtype="float64")
+        model.fit(x, y, steps=5, batch_size=16, teacher=teacher, progress=False)
+        runs.append(model.weights)
+    for k in runs[0]:
+        assert_bitwise_equal(runs[1][k], runs[0][k], k)
+
+
+def test_a_nan_loss_stops_training_with_the_last_good_weights():
+    """Rule T4."""
+    x, y = _data(MLP_SPEC, 64)
+    kwargs = dict(students={"S": 0.5}, backend="torch", seed=0, optimizer=torch.optim.SGD, learning_rate=1e12,
+                  ramp="constant")  # λ must not depend on the run length: the replay is shorter
+    model = MatTA(MLP_SPEC, **kwargs)
+    with pytest.raises(matta.NonFiniteLossError, match=r"at step (\d+); the weights are those after step \d+ \(the update was not applied\)"):
+        model.fit(x, y, steps=50, batch_size=64, progress=False)
+    # Re-run exactly the good steps: the weights must equal what the failed run left.
+    failed_at = None
+    probe = MatTA(MLP_SPEC, **kwargs)
+    try:
+        probe.fit(x, y, steps=50, batch_size=64, progress=False)
+    except matta.NonFiniteLossError as exc:
+        failed_at = int(str(exc).split("at step ")[1].split(";")[0])
+    assert failed_at is not None and failed_at >= 1
+    replay = MatTA(MLP_SPEC, **kwargs)
+    replay.fit(x, y, steps=failed_at, batch_size=64, progress=False)
+    for k, w in replay.weights.items():
+        assert np.all(np.isfinite(model.weights[k]))
+        assert_bitwise_equal(model.weights[k], w, k)
+
+
+def test_optimizer_choices():
+    x, y = _data(MLP_SPEC, 64)
+    for optimizer in (None, torch.optim.SGD, lambda params: torch.optim.Adam(params, lr=1e-3)):
+        model = MatTA(MLP_SPEC, backend="torch", optimizer=optimizer)
+        before = model.weights["layers.0.kernel"].copy()
+        model.fit(x, y, steps=2, batch_size=32, progress=False)
+        assert not np.array_equal(before, model.weights["layers.0.kernel"]), optimizer
+    with pytest.raises(matta.OptionError, match="optimizer must be None"):
+        MatTA(MLP_SPEC, backend="torch", optimizer="adamw").fit(x, y, steps=1, progress=False)
+
+
+def test_weights_round_trip_and_from_weights():
+    model = MatTA(LM_SPEC, backend="torch", seed=4)
+    clone = MatTA.from_weights(LM_SPEC, model.weights, students={"S": 0.5}, backend="torch")
+    x, _ = _data(LM_SPEC, 4)
+    assert_bitwise_equal(clone.predict(x, 0.5), model.predict(x, 0.5), "from_weights")
+    assert clone.dtype == "float32"
+    clone.weights = {k: np.zeros_like(v) for k, v in model.weights.items()}
+    assert all(not v.any() for v in clone.weights.values())
+
+
+def test_save_load_and_export_run_without_matta(tmp_path, monkeypatch):
+    """Rule E5: safetensors + JSON load into matta without unpickling; model.pt2 loads with plain torch."""
+    model = MatTA(LM_SPEC, students={"S": {"d_ff": 0.25, "layers": [0, 2]}}, backend="torch", seed=3)
+    x, _ = _data(LM_SPEC, 5)
+    student = model.extract("S")
+    files = student.save(str(tmp_path))
+    assert sorted(files) == ["model.pt2", "spec.json", "weights.safetensors"]
+    meta = json.loads((tmp_path / "spec.json").read_text())
+    assert meta["spec"]["n_layers"] == 2 and meta["source"]["name"] == "S" and meta["num_params"] == student.num_params
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("matta.load must never unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    loaded = matta.load(str(tmp_path), backend="torch")
+    assert_bitwise_equal(loaded.predict(x), student.predict(x), "matta.load")
+    monkeypatch.undo()
+
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, torch\n"
+        f"program = torch.export.load({str(tmp_path / 'model.pt2')!r}).module()\n"
+        f"x = torch.as_tensor(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "with torch.no_grad(): y = program(x).numpy()\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "assert not any(m.startswith('matta') for m in sys.modules), 'matta was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
+    assert_close(np.load(tmp_path / "y.npy"), student.predict(x), "float32", "torch.export program")
+
+
+def test_backend_of_checks_keras_before_torch():
+    from matta.backend import backend_of
+
+    assert backend_of(torch.nn.Linear(2, 2)) == "torch"
+    fake_keras = type("Layer", (torch.nn.Module,), {"__module__": "keras.src.layers.layer"})
+    assert backend_of(fake_keras()) == "keras"
+    with pytest.raises(matta.BackendError):
+        backend_of(object())
