@@ -20,8 +20,8 @@ Design choices:
   granularity almost every step would mean a fresh XLA compilation almost every
   step, which costs more than it saves. Pass ``run_eagerly``/``jit_compile`` to
   override where that choice is wrong for you.
-* **NaN/Inf (rule T4).** The step applies its update only if its loss is finite
-  (``tf.cond`` / ``jnp.where`` / a Python ``if``), and a callback stops ``fit``
+* **NaN/Inf (rule T4).** The step applies its update only if its loss and all
+  its gradients are finite (``tf.cond`` / ``jnp.where`` / a Python ``if``), and a callback stops ``fit``
   at that step; the backend then raises :class:`matta.errors.NonFiniteLossError`
   through ``TrainingRun.record``. So the weights are those of the last good step.
 * **Logs.** The step returns its own loss and per-term parts; the first callback
@@ -87,6 +87,11 @@ def _finite(x):
     return ops.all(ops.isfinite(x))
 
 
+def _all_finite(grads):
+    # One reduction per tensor, stacked: a single flag, as cheap as the torch backend's check.
+    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+
 class Trainer(keras.Model):
     """A ``keras.Model`` around the nested TA whose ``train_step`` is one MatTA step."""
 
@@ -119,8 +124,8 @@ class Trainer(keras.Model):
         return total, (parts, lam)
 
     @staticmethod
-    def _logs(loss, parts, lam, y):
-        logs = {"loss": loss, "distill": lam, "step": y["step"][0]}
+    def _logs(loss, parts, lam, y, grads_ok):
+        logs = {"loss": loss, "distill": lam, "step": y["step"][0], "grads_finite": ops.cast(grads_ok, "int32")}
         logs.update({f"{k}_loss": v for k, v in parts.items()})
         return logs
 
@@ -139,14 +144,15 @@ class Trainer(keras.Model):
             loss, (parts, lam) = self._loss(x, y, terms)
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        grads_ok = _all_finite(grads)
 
         def apply():
             self.optimizer.apply(grads, variables)
             return tf.constant(True)
 
-        # Rule T4: a non-finite step leaves weights and optimizer state untouched.
-        tf.cond(_finite(loss), apply, lambda: tf.constant(False))
-        return self._logs(loss, parts, lam, y)
+        # Rule T4: a non-finite loss or gradient leaves weights and optimizer state untouched.
+        tf.cond(tf.logical_and(_finite(loss), grads_ok), apply, lambda: tf.constant(False))
+        return self._logs(loss, parts, lam, y, grads_ok)
 
     def _train_step_jax(self, state, data):
         import jax
@@ -163,10 +169,11 @@ class Trainer(keras.Model):
 
         (loss, (parts, lam)), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
         new_trainable, new_optimizer = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
-        ok = jnp.isfinite(loss)  # rule T4: keep the old state when the loss is not finite
+        grads_ok = _all_finite(grads)
+        ok = jnp.logical_and(jnp.isfinite(loss), grads_ok)  # rule T4: keep the old state on a bad step
         keep = lambda new, old: [jnp.where(ok, n, o) for n, o in zip(new, old)]  # noqa: E731
         state = (keep(new_trainable, trainable), non_trainable, keep(new_optimizer, optimizer_vars), metrics_vars)
-        return self._logs(loss, parts, lam, y), state
+        return self._logs(loss, parts, lam, y, grads_ok), state
 
     def _train_step_torch(self, data):
         import torch
@@ -178,10 +185,11 @@ class Trainer(keras.Model):
         loss.backward()
         variables = self.trainable_variables[:]
         grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
-        if bool(torch.isfinite(loss)):  # rule T4
+        grads_ok = _all_finite(grads)
+        if bool(torch.isfinite(loss)) and bool(grads_ok):  # rule T4
             with torch.no_grad():
                 self.optimizer.apply(grads, variables)
-        return self._logs(loss.detach(), {k: v.detach() for k, v in parts.items()}, lam, y)
+        return self._logs(loss.detach(), {k: v.detach() for k, v in parts.items()}, lam, y, grads_ok)
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -190,7 +198,7 @@ class _Recorder(keras.callbacks.Callback):
     def __init__(self, run: TrainingRun):
         super().__init__()
         self.run = run
-        self.bad: Optional[tuple[int, float]] = None
+        self.bad: Optional[tuple[int, float, bool]] = None  # (step, loss, gradients finite)
         self._sums: dict[str, float] = {}
         self._count = 0
 
@@ -199,6 +207,7 @@ class _Recorder(keras.callbacks.Callback):
 
     def _rewrite(self, logs: dict) -> None:
         logs.pop("step", None)
+        logs.pop("grads_finite", None)
         for k in list(logs):
             if k in self._sums:
                 logs[k] = self._sums[k] / max(self._count, 1)
@@ -207,10 +216,13 @@ class _Recorder(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         step = int(logs["step"])
         loss = float(logs["loss"])
-        if not math.isfinite(loss):
-            # Stop here; fit() raises through run.record once Keras has handed back the weights.
-            self.bad = (step, loss)
+        grads_ok = bool(int(logs["grads_finite"]))
+        if not (math.isfinite(loss) and grads_ok):
+            # Stop here; fit() raises through the TrainingRun once Keras has handed back the weights
+            # (under JAX they only return to the variables at the end of the epoch loop).
+            self.bad = (step, loss, grads_ok)
             self.model.stop_training = True
+            self._rewrite(logs)
             return
         parts = {k[: -len("_loss")]: float(v) for k, v in logs.items() if k.endswith("_loss")}
         self.run.record(step, loss, parts, float(logs["distill"]))
@@ -313,5 +325,7 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
             epochs=epochs, steps_per_epoch=spe, callbacks=[recorder, *callbacks], verbose=verbose, shuffle=False,
         )
     if recorder.bad is not None:
-        run.record(*recorder.bad)  # raises NonFiniteLossError
+        step, loss, grads_ok = recorder.bad
+        run.record(step, loss)  # raises NonFiniteLossError on a non-finite loss
+        run.check_gradients(step, grads_ok)  # else the gradient was the problem: raises too
     return history
