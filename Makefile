@@ -9,7 +9,7 @@ export KERAS_HOME := $(CURDIR)/.keras-home
 export TF_CPP_MIN_LOG_LEVEL := 2
 export MATTA_HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: install demo test test-core docs serve-docs clean
+.PHONY: install demo test test-core test-keras test-keras-tensorflow test-keras-jax test-keras-torch docs serve-docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -23,9 +23,19 @@ demo: install
 
 # Core + numpy reference + torch in one process.
 test-core: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch --ignore=tests/test_keras_backend.py
 
-test: install test-core
+# The Keras backend once per engine, each in its own process (Keras reads KERAS_BACKEND once per process).
+KERAS_TESTS := tests/test_keras_backend.py spec_tests --backends=keras
+test-keras-tensorflow: install
+	KERAS_BACKEND=tensorflow $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras-jax: install
+	KERAS_BACKEND=jax $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras-torch: install
+	KERAS_BACKEND=torch $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras: test-keras-tensorflow test-keras-jax test-keras-torch
+
+test: install test-core test-keras
 
 clean:
 	rm -rf $(VENV) build *.egg-info site .keras-home

@@ -64,6 +64,10 @@ class KerasBackend:
 
     name = "keras"
 
+    def supports_dtype(self, spec: Spec, dtype: str) -> bool:
+        """Whether this engine computes ``spec`` in ``dtype`` exactly (float64: TensorFlow only, see the docs)."""
+        return dtype != "float64" or engine.float64_blocker(spec) is None
+
     # -------------------------------------------------------------- nested model
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> NestedModel:
         dtype = _dtype_of(weights)

@@ -13,7 +13,11 @@ kernels on the same shapes (see ``docs/backends/keras-exactness.md``).
 
 from __future__ import annotations
 
+import math
+
 from keras import ops
+
+_GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def dense(x, kernel, bias=None):
@@ -47,7 +51,9 @@ def activation(name: str, x):
     if name == "relu":
         return ops.relu(x)
     if name == "gelu":
-        return ops.gelu(x, approximate=True)
+        # Written out rather than ops.gelu(approximate=True): TensorFlow's kernel uses float32
+        # constants (about 1e-9 error in float64). Same formula as matta.reference.activation.
+        return 0.5 * x * (1.0 + ops.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
     if name == "tanh":
         return ops.tanh(x)
     if name == "sigmoid":

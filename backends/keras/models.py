@@ -141,12 +141,12 @@ def plain_model(spec: Spec, dtype: str) -> keras.Model:
         inner = heads * d_head
         a = norm(f"{p}.norm1")(h)
         q, k, v = (
-            layers.Reshape((-1, heads, d_head), name=keras_name(f"{p}.attention.{n}_heads"))(
+            layers.Reshape((-1, heads, d_head), dtype=dtype, name=keras_name(f"{p}.attention.{n}_heads"))(
                 layers.Dense(inner, dtype=dtype, name=keras_name(f"{p}.attention.{n}"))(a)
             )
             for n in ("query", "key", "value")
         )
-        y = layers.Reshape((-1, inner), name=keras_name(f"{p}.attention.merge"))(F.attention(q, k, v))
+        y = layers.Reshape((-1, inner), dtype=dtype, name=keras_name(f"{p}.attention.merge"))(F.attention(q, k, v))
         h = h + layers.Dense(d, dtype=dtype, name=keras_name(f"{p}.attention.output"))(y)
         a = norm(f"{p}.norm2")(h)
         a = F.activation("gelu", layers.Dense(ff, dtype=dtype, name=keras_name(f"{p}.ffn.up"))(a))
