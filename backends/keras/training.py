@@ -18,7 +18,8 @@ Design choices:
   with several students) the step runs eagerly (``run_eagerly=True``) and reads
   its plan from the step index carried in the batch: a fresh random
   granularity almost every step would mean a fresh XLA compilation almost every
-  step, which costs more than it saves. Pass ``run_eagerly``/``jit_compile`` to
+  step, which costs more than it saves (under JAX, whose op-by-op dispatch is very
+  slow, each distinct plan is still jit-compiled once). Pass ``run_eagerly``/``jit_compile`` to
   override where that choice is wrong for you.
 * **NaN/Inf (rule T4).** The step applies its update only if its loss and all
   its gradients are finite (``tf.cond`` / ``jnp.where`` / a Python ``if``), and a callback stops ``fit``
@@ -156,11 +157,22 @@ class Trainer(keras.Model):
 
     def _train_step_jax(self, state, data):
         import jax
+
+        x, y = data
+        terms = self._terms(y)
+        if self.static_terms is not None:
+            return self._jax_step(state, x, y, terms)  # Keras has jit-compiled this whole step already
+        # Eager run (the plan varies): JAX's op-by-op dispatch is very slow, so compile the step
+        # per distinct plan instead (the terms are a static, hashable argument; jax caches by them).
+        if getattr(self, "_jax_step_by_plan", None) is None:
+            self._jax_step_by_plan = jax.jit(self._jax_step, static_argnums=(3,))
+        return self._jax_step_by_plan(state, x, y, terms)
+
+    def _jax_step(self, state, x, y, terms):
+        import jax
         import jax.numpy as jnp
 
         trainable, non_trainable, optimizer_vars, metrics_vars = state
-        x, y = data
-        terms = self._terms(y)
 
         def pure(values):
             mapping = list(zip(self.trainable_variables, values)) + list(zip(self.non_trainable_variables, non_trainable))
