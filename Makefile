@@ -9,7 +9,7 @@ export KERAS_HOME := $(CURDIR)/.keras-home
 export TF_CPP_MIN_LOG_LEVEL := 2
 export MATTA_HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: install demo test test-core docs serve-docs diagrams test-docs-keras clean
+.PHONY: install demo test test-core test-keras test-keras-tensorflow test-keras-jax test-keras-torch docs serve-docs diagrams clean
 
 $(STAMP): pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -23,9 +23,25 @@ demo: install
 
 # Core + numpy reference + torch in one process.
 test-core: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch --ignore=tests/test_keras_backend.py
 
-test: install test-core
+# The Keras backend once per engine, each in its own process (Keras reads KERAS_BACKEND once per
+# process): its unit tests, the conformance suite and the Keras examples of the docs.
+# Hypothesis profiles: 200 examples run on torch (test-core); each Keras engine runs the dev
+# profile, and JAX, which compiles every new shape op by op, a smaller one to stay inside CI's time.
+KERAS_TESTS := tests/test_keras_backend.py spec_tests/test_backend_conformance.py spec_tests/test_cross_backend.py \
+	tests/test_docs.py::test_python_blocks_run --backends=keras
+KERAS_PROFILE ?= dev
+JAX_PROFILE ?= smoke
+test-keras-tensorflow: install
+	KERAS_BACKEND=tensorflow MATTA_DOCS_KERAS=1 MATTA_HYPOTHESIS_PROFILE=$(KERAS_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras-jax: install
+	KERAS_BACKEND=jax MATTA_DOCS_KERAS=1 MATTA_HYPOTHESIS_PROFILE=$(JAX_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras-torch: install
+	KERAS_BACKEND=torch MATTA_DOCS_KERAS=1 MATTA_HYPOTHESIS_PROFILE=$(KERAS_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
+test-keras: test-keras-tensorflow test-keras-jax test-keras-torch
+
+test: install test-core test-keras
 
 # The documentation site (mkdocs-material; builds and serves offline).
 docs: install
@@ -37,13 +53,6 @@ serve-docs: install
 # Redraws docs/assets/*.svg from the nesting rules (the output is committed).
 diagrams: install
 	$(PYTHON) docs/scripts/diagrams.py
-
-# The Keras examples of the docs, once per Keras engine (tests/test_docs.py, MATTA_DOCS_KERAS=1).
-KERAS_ENGINES ?= tensorflow jax torch
-test-docs-keras: install
-	set -e; for engine in $(KERAS_ENGINES); do \
-	  MATTA_DOCS_KERAS=1 KERAS_BACKEND=$$engine $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_docs.py -k test_python_blocks_run; \
-	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info site .keras-home

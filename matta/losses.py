@@ -315,7 +315,7 @@ def composite_loss(
         ops: the backend's array operations.
         outputs: model outputs (logits or predictions) per term name of ``plan``.
         targets: the batch's targets in the backend's array type.
-        plan: from :meth:`Schedule.plan`.
+        plan: from :meth:`Schedule.plan`; its ``distill`` (λ) may be a backend scalar tensor.
         options: the loss options.
 
     Returns:
@@ -324,12 +324,15 @@ def composite_loss(
     parts: dict[str, T] = {}
     total = None
     lam = plan.distill
+    # A compiled backend step may carry λ(t) as a tensor (one trace for the whole ramp); Python cannot branch
+    # on its value, so the term is always added. That is exact at λ = 0: (1 − 0)·task + 0·KL = task.
+    traced = not isinstance(lam, (int, float))
     for term in plan.terms:
         z = outputs[term.name]
         task = task_loss(ops, z, targets, options)
         if term.parent is None:
             value = term.weight * task
-        elif lam > 0:
+        elif traced or lam > 0:
             value = term.weight * ((1 - lam) * task + lam * distillation_loss(ops, z, outputs[term.parent], options))
         else:
             value = term.weight * task

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import assume, given, strategies as st
 
 from matta import reference
+from matta.errors import MattaError
 from matta.extraction import extract
 from matta.losses import LossOptions, NumpyOps, StepPlan, Targets, Term, composite_loss
 from matta.nesting import full, slice_plan
@@ -25,6 +26,26 @@ from spec_tests.assertions import assert_bitwise_equal, assert_close, assert_wei
 from spec_tests.strategies import granularities, inputs_for, mlps, specs, transformers, weights_for
 
 DTYPES = ["float32", "float64"]
+#: Loss and gradient tolerances (relative) per dtype, for backends that compute in float32 only.
+LOSS_TOL = {"float64": 1e-9, "float32": 2e-5}
+FD_TOL = {"float64": 1e-5, "float32": 2e-3}
+
+
+def supports(backend, spec, dtype: str) -> bool:
+    """A backend may declare ``supports_dtype(spec, dtype)`` (the Keras backend refuses float64 on JAX/PyTorch)."""
+    check = getattr(backend, "supports_dtype", None)
+    return True if check is None else bool(check(spec, dtype))
+
+
+def precise_dtype(backend, spec) -> str:
+    """float64 where the backend supports it, else float32 (with float32 tolerances)."""
+    return "float64" if supports(backend, spec, "float64") else "float32"
+
+
+def refuses(backend, spec, weights) -> None:
+    """An unsupported dtype must be refused with matta's own error at build time, never computed wrongly."""
+    with pytest.raises(MattaError, match="dtype"):
+        backend.build(spec, weights, device="cpu")
 
 
 def exactness_bound(backend) -> float:
@@ -41,6 +62,8 @@ def test_nested_forward_matches_the_reference(backend, dtype, data, spec, seed, 
     g = data.draw(granularities(spec))
     weights = weights_for(spec, seed, dtype)
     x = inputs_for(spec, seed, batch)
+    if not supports(backend, spec, dtype):
+        return refuses(backend, spec, weights)
     model = backend.build(spec, weights, device="cpu")
     expected = reference.forward(spec, weights, x, g)
     actual = backend.forward(model, x, g)
@@ -55,6 +78,8 @@ def test_extracted_model_equals_the_nested_sub_network(backend, dtype, data, spe
     g = data.draw(granularities(spec))
     weights = weights_for(spec, seed, dtype)
     x = inputs_for(spec, seed, batch)
+    if not supports(backend, spec, dtype):
+        return refuses(backend, spec, weights)
     model = backend.build(spec, weights, device="cpu")
     sub_spec, sub_weights = extract(weights, spec, g)
     plain = backend.build_plain(sub_spec, sub_weights, device="cpu")
@@ -110,15 +135,18 @@ def test_composite_loss_matches_the_reference(backend, data, spec, seed, options
     g_mid = data.draw(granularities(spec))
     plan = StepPlan(0, (Term("TA", full(spec), options.ta_weight, None), Term("a", g_mid, 0.7, "TA"),
                         Term("b", g_small, 1.3, "a")), distill)
-    weights = weights_for(spec, seed, "float64", scale=0.5)
+    dtype = precise_dtype(backend, spec)
+    # The reference runs in float64 on exactly the values the backend holds.
+    weights = {k: v.astype(dtype).astype("float64") for k, v in weights_for(spec, seed, "float64", scale=0.5).items()}
     x = inputs_for(spec, seed, 3)
     targets = _targets(spec, seed, 3, x, soft)
     outputs = {t.name: reference.forward(spec, weights, x, t.granularity) for t in plan.terms}
     expected, _ = composite_loss(NumpyOps(), outputs, targets, plan, options)
-    model = backend.build(spec, weights, device="cpu")
+    model = backend.build(spec, {k: v.astype(dtype) for k, v in weights.items()}, device="cpu")
     actual, grads = backend.loss_and_gradients(model, x, targets, plan, options)
-    where = context(backend, spec, options=options, distill=distill)
-    assert abs(actual - float(expected)) <= 1e-9 * max(1.0, abs(float(expected))), f"{actual} != {expected} ({where})"
+    where = context(backend, spec, options=options, distill=distill, dtype=dtype)
+    tol = LOSS_TOL[dtype]
+    assert abs(actual - float(expected)) <= tol * max(1.0, abs(float(expected))), f"{actual} != {expected} ({where})"
     assert sorted(grads) == sorted(weights) and all(grads[k].shape == weights[k].shape for k in weights), where
 
 
@@ -128,10 +156,11 @@ def test_gradients_match_finite_differences(backend, data, spec, seed):
     g = data.draw(granularities(spec))
     options = LossOptions(stop_gradient=False, temperature=2.0)
     plan = StepPlan(0, (Term("TA", full(spec), 1.0, None), Term("S", g, 1.0, "TA")), 0.5)
-    weights = weights_for(spec, seed, "float64", scale=0.5)
+    dtype = precise_dtype(backend, spec)
+    weights = {k: v.astype(dtype).astype("float64") for k, v in weights_for(spec, seed, "float64", scale=0.5).items()}
     x = inputs_for(spec, seed, 2)
     targets = _targets(spec, seed, 2, x, soft=False)
-    model = backend.build(spec, weights, device="cpu")
+    model = backend.build(spec, {k: v.astype(dtype) for k, v in weights.items()}, device="cpu")
     _, grads = backend.loss_and_gradients(model, x, targets, plan, options)
     rng = np.random.default_rng([seed, 3])
     direction = {k: rng.standard_normal(w.shape) for k, w in weights.items()}
@@ -144,7 +173,8 @@ def test_gradients_match_finite_differences(backend, data, spec, seed):
     eps = 1e-6
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     analytic = sum(float(np.sum(grads[k] * direction[k])) for k in weights)
-    assert abs(numeric - analytic) <= 1e-5 * max(1.0, abs(numeric)), f"{analytic} != {numeric} ({context(backend, spec, g)})"
+    tol = FD_TOL[dtype]
+    assert abs(numeric - analytic) <= tol * max(1.0, abs(numeric)), f"{analytic} != {numeric} ({context(backend, spec, g, dtype=dtype)})"
 
 
 def _outside_student(spec, g, name: str, shape) -> np.ndarray:
@@ -166,7 +196,7 @@ def test_stop_gradient_keeps_the_distillation_term_inside_the_student(backend, d
     assume(g != full(spec))
     # Distillation only: the TA term has weight 0 and λ = 1, so L = τ²·KL(sg(z_TA) ‖ z_S).
     plan = StepPlan(0, (Term("TA", full(spec), 0.0, None), Term("S", g, 1.0, "TA")), 1.0)
-    weights = weights_for(spec, seed, "float64")
+    weights = weights_for(spec, seed, precise_dtype(backend, spec))
     x = inputs_for(spec, seed, 3)
     targets = _targets(spec, seed, 3, x, soft=False)
     outside_total = {}

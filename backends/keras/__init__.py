@@ -1,1 +1,151 @@
+"""The Keras 3 backend of matta (``backend="keras"``), on TensorFlow, JAX or PyTorch.
 
+Written once over ``keras.ops``; ``KERAS_BACKEND`` picks the engine (Keras reads it
+once per process). Implements :class:`matta.backend.Backend`:
+
+* the nested TA is :class:`~matta.backends.keras.models.NestedModel` (one variable
+  per spec parameter, rule P2 layout, sliced at call time);
+* training goes through Keras' own ``Model.fit``
+  (:mod:`matta.backends.keras.training`), so Keras callbacks work;
+* extracted models are functional ``keras.Model`` s of built-in layers, saved as
+  ``model.keras`` that ``keras.saving.load_model`` opens without matta.
+
+float64 works wherever the engine computes every op the model uses in float64
+(TensorFlow; see :func:`matta.backends.keras.engine.check_dtype`); elsewhere
+``build`` raises :class:`matta.errors.InputTypeError` naming the op.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any, Mapping, Optional
+
+import keras
+import numpy as np
+from keras import ops
+
+from matta.errors import OptionError
+from matta.losses import LossOptions, StepPlan, Targets, composite_loss
+from matta.nesting import Granularity
+from matta.specs import MLP, Spec
+from matta.training import TrainingRun
+from matta.backends.keras import engine
+from matta.backends.keras.models import NestedModel, assign, plain_model, plain_variables
+from matta.backends.keras.training import OPS, KerasOps, Trainer, fit, make_optimizer
+
+__all__ = ["KerasBackend", "KerasOps", "backend"]
+
+# One trainer (and so one optimizer state) per nested model, kept across fit() calls like the torch backend.
+_TRAINERS: "weakref.WeakKeyDictionary[NestedModel, tuple[Any, Trainer, keras.optimizers.Optimizer]]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _dtype_of(weights: Mapping[str, np.ndarray]) -> str:
+    return next(iter(weights.values())).dtype.name
+
+
+def _device_scope(device: Optional[str]):
+    if device is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    if not isinstance(device, str):
+        raise OptionError(f"device must be None or a device string such as 'cpu' or 'gpu:0'; got {device!r}")
+    try:
+        return keras.device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise OptionError(f"device must be a device of this Keras engine such as 'cpu' or 'gpu:0'; got {device!r}") from exc
+
+
+class KerasBackend:
+    """matta's Keras 3 backend (see :class:`matta.backend.Backend` for the contract)."""
+
+    name = "keras"
+
+    def supports_dtype(self, spec: Spec, dtype: str) -> bool:
+        """Whether this engine computes ``spec`` in ``dtype`` exactly (float64: TensorFlow only, see the docs)."""
+        return dtype != "float64" or engine.float64_blocker(spec) is None
+
+    # -------------------------------------------------------------- nested model
+    def build(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> NestedModel:
+        dtype = _dtype_of(weights)
+        engine.check_dtype(spec, dtype)
+        with _device_scope(device):
+            model = NestedModel(spec, dtype)
+        self.set_weights(model, weights)
+        return model
+
+    def get_weights(self, model: Any) -> dict[str, np.ndarray]:
+        variables = model.params if isinstance(model, NestedModel) else plain_variables(model, model._matta_spec)
+        return {k: np.array(ops.convert_to_numpy(v.value), copy=True) for k, v in variables.items()}
+
+    def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
+        variables = model.params if isinstance(model, NestedModel) else plain_variables(model, model._matta_spec)
+        assign(variables, weights)
+
+    def _input(self, spec: Spec, dtype: str, x: np.ndarray):
+        if isinstance(spec, MLP):
+            return ops.convert_to_tensor(np.asarray(x, dtype=dtype), dtype=dtype)
+        return ops.convert_to_tensor(np.asarray(x, dtype=np.int32), dtype="int32")
+
+    def forward(self, model: NestedModel, x: np.ndarray, granularity: Granularity) -> np.ndarray:
+        out = model.run(self._input(model.spec, model.compute_dtype_name, x), granularity)
+        return np.asarray(ops.convert_to_numpy(out))
+
+    def _targets(self, dtype: str, targets: Targets[np.ndarray]) -> Targets[Any]:
+        convert = lambda a, dt: None if a is None else ops.convert_to_tensor(np.asarray(a, dtype=dt), dtype=dt)  # noqa: E731
+        return Targets(hard=convert(targets.hard, "int32"), soft=convert(targets.soft, dtype),
+                       regression=convert(targets.regression, dtype))
+
+    def loss_and_gradients(self, model: NestedModel, x: np.ndarray, targets: Targets[np.ndarray], plan: StepPlan,
+                           options: LossOptions) -> tuple[float, dict[str, np.ndarray]]:
+        dtype = model.compute_dtype_name
+        xt, tt = self._input(model.spec, dtype, x), self._targets(dtype, targets)
+
+        def fn():
+            outputs = {term.name: model.run(xt, term.granularity) for term in plan.terms}
+            total, _ = composite_loss(OPS, outputs, tt, plan, options)
+            return total, None
+
+        names = model.param_names
+        value, _, grads = engine.value_and_grad([model.params[n] for n in names], fn)
+        out = {n: np.array(ops.convert_to_numpy(g), copy=True) for n, g in zip(names, grads)}
+        return float(ops.convert_to_numpy(value)), out
+
+    def fit(self, model: NestedModel, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
+            weight_decay: float = 0.0, **kwargs: Any) -> None:
+        """Trains with ``keras.Model.fit``; ``kwargs`` may hold ``callbacks``, ``verbose``, ``run_eagerly``, ``jit_compile``."""
+        cached = _TRAINERS.get(model)
+        if cached is not None and cached[0] is optimizer:
+            trainer, opt = cached[1], cached[2]
+        else:
+            opt = make_optimizer(optimizer, learning_rate, weight_decay)
+            trainer = Trainer(model)
+            _TRAINERS[model] = (optimizer, trainer, opt)
+        fit(trainer, run, opt, integer_inputs=not isinstance(model.spec, MLP), **kwargs)
+
+    # -------------------------------------------------------------- plain models
+    def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> keras.Model:
+        dtype = _dtype_of(weights)
+        engine.check_dtype(spec, dtype)
+        with _device_scope(device):
+            model = plain_model(spec, dtype)
+        # Read back by get_weights/set_weights; not saved in model.keras (that file holds built-in layers only).
+        object.__setattr__(model, "_matta_spec", spec)
+        object.__setattr__(model, "_matta_dtype", dtype)
+        self.set_weights(model, weights)
+        return model
+
+    def plain_forward(self, model: keras.Model, x: np.ndarray) -> np.ndarray:
+        out = model(self._input(model._matta_spec, model._matta_dtype, x), training=False)
+        return np.asarray(ops.convert_to_numpy(out))
+
+    def export(self, model: keras.Model, spec: Spec, directory: str) -> list[str]:
+        """Writes ``model.keras``: built-in layers and ``keras.ops`` only, loadable without matta (safe mode on)."""
+        model.save(os.path.join(directory, "model.keras"))
+        return ["model.keras"]
+
+
+backend = KerasBackend()

@@ -1,0 +1,176 @@
+"""Keras models of each family: the nested TA (call-time slicing) and the plain, extractable model.
+
+The nested model (:class:`NestedModel`) holds one ``keras.Variable`` per spec
+parameter in rule P2 layout (Keras' own layout: kernels are ``(d_in, d_out)``) and
+runs the sub-network at a granularity by reading every weight as a prefix slice
+(rule S1) and passing it through :mod:`matta.backends.keras.functional`.
+
+The plain model (:func:`plain_model`) is a functional ``keras.Model`` of built-in
+layers and ``keras.ops`` nodes only, so its ``.keras`` file loads with
+``keras.saving.load_model`` (safe mode on) in a process that has never imported
+matta.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from matta.nesting import Granularity
+from matta.specs import MLP, Spec, Transformer
+from matta.backends.keras import functional as F
+
+__all__ = ["NestedModel", "plain_model", "plain_variables", "keras_name"]
+
+
+def keras_name(name: str) -> str:
+    """A spec parameter or layer name as a Keras name.
+
+    Keras on the PyTorch engine registers variables in a ``torch.nn.ParameterDict``,
+    whose keys may not contain dots, so dots become underscores (spec names stay unique).
+    """
+    return name.replace(".", "_")
+
+
+class NestedModel(keras.Model):
+    """The TA: every spec parameter as a variable; :meth:`run` computes the sub-network at a granularity.
+
+    It is never called through ``keras.Model.__call__`` (a granularity is not a
+    tensor); training wraps it in :class:`matta.backends.keras.training.Trainer`.
+    """
+
+    def __init__(self, spec: Spec, dtype: str):
+        super().__init__(name="matta_nested", dtype=dtype)
+        self.spec = spec
+        self.compute_dtype_name = dtype
+        params = spec.parameters()
+        self.param_names = tuple(params)
+        self.params = {}
+        for name, p in params.items():
+            # autocast=False: a float64 model stays float64 under any mixed-precision policy.
+            self.params[name] = self.add_weight(
+                shape=p.shape, initializer="zeros", dtype=dtype, name=keras_name(name), autocast=False
+            )
+        assert len({keras_name(n) for n in params}) == len(params), "keras names must stay unique"
+        self.built = True
+
+    def run(self, x, granularity: Granularity):
+        """The sub-network's output at ``granularity`` (rules S1–S4, D1–D2).
+
+        Args:
+            x: MLP features ``(batch, d_in)`` in the model dtype; Transformer int32 ids ``(batch, time)``.
+            granularity: a resolved granularity of ``self.spec``.
+        """
+        w = self.params
+        dtype = self.compute_dtype_name
+        s = granularity.as_dict()
+        spec = self.spec
+        if isinstance(spec, MLP):
+            widths = [spec.d_in, *(s[f"hidden.{i}"] for i in range(len(spec.hidden))), spec.d_out]
+            h = x
+            last = spec.num_layers - 1
+            for i in range(spec.num_layers):
+                a, b = widths[i], widths[i + 1]
+                h = F.dense(h, w[f"layers.{i}.kernel"][:a, :b], w[f"layers.{i}.bias"][:b])
+                if i < last:
+                    h = F.activation(spec.activation, h)
+            return h  # (batch, d_out)
+
+        assert isinstance(spec, Transformer)
+        d, d_head, eps = s["d_model"], spec.d_head, spec.layer_norm_epsilon
+        t = ops.shape(x)[1]
+        h = F.embedding(w["embed.tokens"][:, :d], x, dtype) + F.embedding(
+            w["embed.positions"][:t, :d], F.positions(x), dtype
+        )
+        norm = lambda p, v: F.layer_norm(v, w[f"{p}.scale"][:d], w[f"{p}.offset"][:d], eps, dtype)  # noqa: E731
+        for i in granularity.blocks:  # rule D1: kept blocks, in order
+            p = f"blocks.{i}"
+            heads, ff = s[f"{p}.n_heads"], s[f"{p}.d_ff"]
+            inner = heads * d_head  # rule G4: whole heads
+            a = norm(f"{p}.norm1", h)
+            q, k, v = (
+                _split_heads(F.dense(a, w[f"{p}.attention.{n}.kernel"][:d, :inner], w[f"{p}.attention.{n}.bias"][:inner]),
+                             heads, d_head)
+                for n in ("query", "key", "value")
+            )
+            y = _merge_heads(F.attention(q, k, v), inner)
+            h = h + F.dense(y, w[f"{p}.attention.output.kernel"][:inner, :d], w[f"{p}.attention.output.bias"][:d])
+            a = norm(f"{p}.norm2", h)
+            a = F.activation("gelu", F.dense(a, w[f"{p}.ffn.up.kernel"][:d, :ff], w[f"{p}.ffn.up.bias"][:ff]))
+            h = h + F.dense(a, w[f"{p}.ffn.down.kernel"][:ff, :d], w[f"{p}.ffn.down.bias"][:d])
+        h = norm("final_norm", h)
+        return F.dense(h, w["head.kernel"][:d, :])  # (B, T, vocab): outputs never sliced (rule S4)
+
+
+def _split_heads(x, heads: int, d_head: int):
+    # What keras.layers.Reshape((-1, heads, d_head)) does in the plain graph.
+    return ops.reshape(x, (ops.shape(x)[0], -1, heads, d_head))
+
+
+def _merge_heads(x, inner: int):
+    return ops.reshape(x, (ops.shape(x)[0], -1, inner))
+
+
+def plain_model(spec: Spec, dtype: str) -> keras.Model:
+    """A functional ``keras.Model`` of ``spec`` made of built-in layers and ``keras.ops`` nodes.
+
+    Weights are zeros; load them with :func:`plain_variables`.
+    """
+    if isinstance(spec, MLP):
+        x = keras.Input((spec.d_in,), dtype=dtype, name="features")
+        h = x
+        widths = [*spec.hidden, spec.d_out]
+        for i, width in enumerate(widths):
+            h = layers.Dense(width, dtype=dtype, name=keras_name(f"layers.{i}"))(h)
+            if i < len(widths) - 1:
+                h = F.activation(spec.activation, h)
+        return keras.Model(x, h, name="matta_mlp")
+
+    assert isinstance(spec, Transformer)
+    eps, d, d_head = spec.layer_norm_epsilon, spec.d_model, spec.d_head
+    ids = keras.Input((None,), dtype="int32", name="tokens")
+    tokens = layers.Embedding(spec.vocab_size, d, dtype=dtype, name="embed_tokens")(ids)
+    pos = layers.Embedding(spec.max_len, d, dtype=dtype, name="embed_positions")(F.positions(ids))
+    h = tokens + pos
+    norm = lambda name: layers.LayerNormalization(epsilon=eps, dtype=dtype, name=keras_name(name))  # noqa: E731
+    for i, (heads, ff) in enumerate(zip(spec.heads_per_layer, spec.ff_per_layer)):
+        p = f"blocks.{i}"
+        inner = heads * d_head
+        a = norm(f"{p}.norm1")(h)
+        q, k, v = (
+            layers.Reshape((-1, heads, d_head), dtype=dtype, name=keras_name(f"{p}.attention.{n}_heads"))(
+                layers.Dense(inner, dtype=dtype, name=keras_name(f"{p}.attention.{n}"))(a)
+            )
+            for n in ("query", "key", "value")
+        )
+        y = layers.Reshape((-1, inner), dtype=dtype, name=keras_name(f"{p}.attention.merge"))(F.attention(q, k, v))
+        h = h + layers.Dense(d, dtype=dtype, name=keras_name(f"{p}.attention.output"))(y)
+        a = norm(f"{p}.norm2")(h)
+        a = F.activation("gelu", layers.Dense(ff, dtype=dtype, name=keras_name(f"{p}.ffn.up"))(a))
+        h = h + layers.Dense(d, dtype=dtype, name=keras_name(f"{p}.ffn.down"))(a)
+    h = norm("final_norm")(h)
+    logits = layers.Dense(spec.vocab_size, use_bias=False, dtype=dtype, name="head")(h)
+    return keras.Model(ids, logits, name="matta_transformer")
+
+
+def plain_variables(model: keras.Model, spec: Spec) -> dict[str, keras.Variable]:
+    """The plain model's variables keyed by the spec's parameter names (rule P2 layout, as Keras stores them)."""
+    out = {}
+    for name in spec.parameters():
+        base, leaf = name.rsplit(".", 1)
+        if name in ("embed.tokens", "embed.positions"):
+            out[name] = model.get_layer(keras_name(name)).embeddings
+            continue
+        layer = model.get_layer(keras_name(base))
+        attr = {"kernel": "kernel", "bias": "bias", "scale": "gamma", "offset": "beta"}[leaf]
+        out[name] = getattr(layer, attr)
+    return out
+
+
+def assign(variables: Mapping[str, keras.Variable], weights: Mapping[str, np.ndarray]) -> None:
+    """Copies numpy weights into variables (same names, shapes and dtype)."""
+    for name, value in weights.items():
+        variables[name].assign(np.ascontiguousarray(value))

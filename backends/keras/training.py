@@ -1,0 +1,343 @@
+"""Training through Keras' own ``model.fit``.
+
+:class:`Trainer` is a ``keras.Model`` that holds the nested TA and overrides
+``train_step`` (per engine, as Keras 3 requires for a custom step; the forward
+pass and the composite loss inside it are shared ``keras.ops`` code). ``fit``
+feeds it a generator of the run's batches, so Keras callbacks, the progress bar
+and ``History`` work as usual.
+
+Design choices:
+
+* **The step plan.** The set of granularities a step trains must be static in a
+  compiled step (XLA under JAX and TensorFlow needs static shapes, and each
+  Mix'n'Match granularity has its own). ``λ(t)`` changes every step but is a
+  number, so it travels *in the batch* as a tensor: one compiled function covers
+  the whole ramp. When every step trains the same granularities (sampling
+  ``"all"``, or only one possible student) the step is compiled once. When the
+  set changes between steps (``"sandwich"`` with random Mix'n'Match, ``"one"``
+  with several students) the step runs eagerly (``run_eagerly=True``) and reads
+  its plan from the step index carried in the batch: a fresh random
+  granularity almost every step would mean a fresh XLA compilation almost every
+  step, which costs more than it saves (under JAX, whose op-by-op dispatch is very
+  slow, each distinct plan is still jit-compiled once). Pass ``run_eagerly``/``jit_compile`` to
+  override where that choice is wrong for you.
+* **NaN/Inf (rule T4).** The step applies its update only if its loss and all
+  its gradients are finite (``tf.cond`` / ``jnp.where`` / a Python ``if``), and a callback stops ``fit``
+  at that step; the backend then raises :class:`matta.errors.NonFiniteLossError`
+  through ``TrainingRun.record``. So the weights are those of the last good step.
+* **Logs.** The step returns its own loss and per-term parts; the first callback
+  records them in ``run.history`` (where the NaN check happens) and rewrites the
+  Keras logs into epoch running means, which is what Keras users expect to see
+  as ``loss``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from matta.errors import OptionError
+from matta.losses import LossOptions, StepPlan, Targets, Term, composite_loss
+from matta.training import TrainingRun, batch_indices
+from matta.backends.keras import engine
+from matta.backends.keras.models import NestedModel
+
+__all__ = ["KerasOps", "OPS", "Trainer", "make_optimizer", "fit"]
+
+
+class KerasOps:
+    """:class:`matta.losses.Ops` over ``keras.ops`` (runs on every Keras engine)."""
+
+    def log_softmax(self, x):
+        return ops.log_softmax(x, axis=-1)
+
+    def stop_gradient(self, x):
+        return ops.stop_gradient(x)
+
+    def mean(self, x):
+        return ops.mean(x)
+
+    def sum_last(self, x):
+        return ops.sum(x, axis=-1)
+
+    def take_last(self, x, ids):
+        return ops.squeeze(ops.take_along_axis(x, ops.expand_dims(ids, -1), axis=-1), -1)
+
+    def exp(self, x):
+        return ops.exp(x)
+
+    def square(self, x):
+        return ops.square(x)
+
+
+OPS = KerasOps()
+
+
+def step_loss(model: NestedModel, x, targets: Targets, terms: Sequence[Term], distill, options: LossOptions):
+    """The composite loss of one step (DESIGN §4) and each term's part, in ``keras.ops``."""
+    outputs = {term.name: model.run(x, term.granularity) for term in terms}
+    return composite_loss(OPS, outputs, targets, StepPlan(-1, tuple(terms), distill), options)
+
+
+def _finite(x):
+    return ops.all(ops.isfinite(x))
+
+
+def _all_finite(grads):
+    # One reduction per tensor, stacked: a single flag, as cheap as the torch backend's check.
+    return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+
+class Trainer(keras.Model):
+    """A ``keras.Model`` around the nested TA whose ``train_step`` is one MatTA step."""
+
+    def __init__(self, nested: NestedModel):
+        super().__init__(name="matta_trainer", dtype=nested.compute_dtype_name)
+        self.nested = nested
+        self.run_info: Optional[TrainingRun] = None
+        self.static_terms: Optional[tuple[Term, ...]] = None
+        self.built = True
+
+    def call(self, x):  # pragma: no cover - Keras asks for it; matta never calls the trainer
+        raise NotImplementedError("the matta trainer is driven by fit(); use MatTA.predict for outputs")
+
+    # -------------------------------------------------------------- shared, engine-neutral part
+    def _terms(self, y) -> tuple[Term, ...]:
+        if self.static_terms is not None:
+            return self.static_terms
+        # Eager only (see the module docstring): the batch carries its step index.
+        step = int(np.asarray(ops.convert_to_numpy(y["step"]))[0])
+        run = self.run_info
+        assert run is not None
+        return run.schedule.plan(step, run.steps).terms
+
+    def _loss(self, x, y, terms):
+        run = self.run_info
+        assert run is not None
+        targets = Targets(hard=y.get("hard"), soft=y.get("soft"), regression=y.get("regression"))
+        lam = y["distill"][0]
+        total, parts = step_loss(self.nested, x, targets, terms, lam, run.options)
+        return total, (parts, lam)
+
+    @staticmethod
+    def _logs(loss, parts, lam, y, grads_ok):
+        logs = {"loss": loss, "distill": lam, "step": y["step"][0], "grads_finite": ops.cast(grads_ok, "int32")}
+        logs.update({f"{k}_loss": v for k, v in parts.items()})
+        return logs
+
+    # -------------------------------------------------------------- per-engine steps
+    def train_step(self, *args):
+        impl = {"tensorflow": self._train_step_tf, "jax": self._train_step_jax, "torch": self._train_step_torch}
+        return impl[engine.name()](*args)
+
+    def _train_step_tf(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        terms = self._terms(y)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            loss, (parts, lam) = self._loss(x, y, terms)
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        grads_ok = _all_finite(grads)
+
+        def apply():
+            self.optimizer.apply(grads, variables)
+            return tf.constant(True)
+
+        # Rule T4: a non-finite loss or gradient leaves weights and optimizer state untouched.
+        tf.cond(tf.logical_and(_finite(loss), grads_ok), apply, lambda: tf.constant(False))
+        return self._logs(loss, parts, lam, y, grads_ok)
+
+    def _train_step_jax(self, state, data):
+        import jax
+
+        x, y = data
+        terms = self._terms(y)
+        if self.static_terms is not None:
+            return self._jax_step(state, x, y, terms)  # Keras has jit-compiled this whole step already
+        # Eager run (the plan varies): JAX's op-by-op dispatch is very slow, so compile the step
+        # per distinct plan instead (the terms are a static, hashable argument; jax caches by them).
+        if getattr(self, "_jax_step_by_plan", None) is None:
+            self._jax_step_by_plan = jax.jit(self._jax_step, static_argnums=(3,))
+        return self._jax_step_by_plan(state, x, y, terms)
+
+    def _jax_step(self, state, x, y, terms):
+        import jax
+        import jax.numpy as jnp
+
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+
+        def pure(values):
+            mapping = list(zip(self.trainable_variables, values)) + list(zip(self.non_trainable_variables, non_trainable))
+            with keras.StatelessScope(state_mapping=mapping):
+                return self._loss(x, y, terms)
+
+        (loss, (parts, lam)), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
+        new_trainable, new_optimizer = self.optimizer.stateless_apply(optimizer_vars, grads, trainable)
+        grads_ok = _all_finite(grads)
+        ok = jnp.logical_and(jnp.isfinite(loss), grads_ok)  # rule T4: keep the old state on a bad step
+        keep = lambda new, old: [jnp.where(ok, n, o) for n, o in zip(new, old)]  # noqa: E731
+        state = (keep(new_trainable, trainable), non_trainable, keep(new_optimizer, optimizer_vars), metrics_vars)
+        return self._logs(loss, parts, lam, y, grads_ok), state
+
+    def _train_step_torch(self, data):
+        import torch
+
+        x, y = data
+        terms = self._terms(y)
+        self.zero_grad()
+        loss, (parts, lam) = self._loss(x, y, terms)
+        loss.backward()
+        variables = self.trainable_variables[:]
+        grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
+        grads_ok = _all_finite(grads)
+        if bool(torch.isfinite(loss)) and bool(grads_ok):  # rule T4
+            with torch.no_grad():
+                self.optimizer.apply(grads, variables)
+        return self._logs(loss.detach(), {k: v.detach() for k, v in parts.items()}, lam, y, grads_ok)
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Records each step in ``run.history`` (NaN check), shows epoch running means, runs validation."""
+
+    def __init__(self, run: TrainingRun):
+        super().__init__()
+        self.run = run
+        self.bad: Optional[tuple[int, float, bool]] = None  # (step, loss, gradients finite)
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._sums, self._count = {}, 0
+
+    def _rewrite(self, logs: dict) -> None:
+        logs.pop("step", None)
+        logs.pop("grads_finite", None)
+        for k in list(logs):
+            if k in self._sums:
+                logs[k] = self._sums[k] / max(self._count, 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs if logs is not None else {}
+        step = int(logs["step"])
+        loss = float(logs["loss"])
+        grads_ok = bool(int(logs["grads_finite"]))
+        if not (math.isfinite(loss) and grads_ok):
+            # Stop here; fit() raises through the TrainingRun once Keras has handed back the weights
+            # (under JAX they only return to the variables at the end of the epoch loop).
+            self.bad = (step, loss, grads_ok)
+            self.model.stop_training = True
+            self._rewrite(logs)
+            return
+        parts = {k[: -len("_loss")]: float(v) for k, v in logs.items() if k.endswith("_loss")}
+        self.run.record(step, loss, parts, float(logs["distill"]))
+        self._count += 1
+        for k, v in logs.items():
+            if k == "loss" or k.endswith("_loss"):
+                self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._rewrite(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        self._rewrite(logs)
+        if self.bad is None and self.run.on_epoch_end is not None:
+            results = self.run.on_epoch_end(epoch + 1) or {}
+            self.run.epoch_logs.append(results)
+            for name, metrics in results.items():
+                for metric, value in (metrics.items() if isinstance(metrics, dict) else [("", metrics)]):
+                    logs[f"val_{name}_{metric}" if metric else f"val_{name}"] = value
+
+
+def make_optimizer(optimizer: Any, learning_rate: float, weight_decay: float) -> keras.optimizers.Optimizer:
+    """``None`` → AdamW(learning_rate, weight_decay); a Keras optimizer instance; or an optimizer name."""
+    if optimizer is None:
+        return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        return optimizer
+    if isinstance(optimizer, str):
+        try:
+            opt = keras.optimizers.get({"class_name": optimizer, "config": {"learning_rate": learning_rate}})
+        except (ValueError, TypeError) as exc:
+            raise OptionError(
+                f"optimizer must be None (AdamW), a keras.optimizers.Optimizer or a Keras optimizer name "
+                f"such as 'adam', 'sgd', 'adamw'; got {optimizer!r}"
+            ) from exc
+        return opt
+    raise OptionError(
+        "optimizer must be None (AdamW), a keras.optimizers.Optimizer or a Keras optimizer name; "
+        f"got {optimizer!r} ({type(optimizer).__name__})"
+    )
+
+
+def _static_terms(run: TrainingRun) -> Optional[tuple[Term, ...]]:
+    """The terms every step trains, if they are the same at every step (see the module docstring)."""
+    o = run.options
+    n = len(run.schedule.students)
+    constant = o.sampling == "all" or n == 0 or (o.sampling == "one" and n == 1) or (
+        o.sampling == "sandwich" and o.num_random == 0
+    )
+    return run.schedule.plan(0, run.steps).terms if constant else None
+
+
+def _batches(run: TrainingRun, dtype: str, integer_inputs: bool):
+    """The run's batches as ``(x, y)`` with ``y`` a dict of arrays (targets, ``distill`` λ(t), ``step``)."""
+    for step, index in enumerate(batch_indices(len(run.x), run.batch_size, run.steps, run.seed)):
+        x = run.x[index]
+        targets = run.batch_targets(index, x)
+        n = len(index)
+        y = {
+            "step": np.full((n,), step, np.int32),
+            "distill": np.full((n,), run.schedule.plan(step, run.steps).distill, dtype),
+        }
+        if targets.hard is not None:
+            y["hard"] = targets.hard.astype(np.int32)
+        if targets.soft is not None:
+            y["soft"] = targets.soft.astype(dtype)
+        if targets.regression is not None:
+            y["regression"] = targets.regression.astype(dtype)
+        yield (x.astype(np.int32) if integer_inputs else x.astype(dtype)), y
+
+
+_FIT_OPTIONS = ("callbacks", "verbose", "run_eagerly", "jit_compile")
+
+
+def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimizer, integer_inputs: bool,
+        **kwargs: Any) -> keras.callbacks.History:
+    """Trains through ``trainer.fit`` and raises ``NonFiniteLossError`` (via ``run.record``) on a bad step."""
+    unknown = sorted(set(kwargs) - set(_FIT_OPTIONS))
+    if unknown:
+        raise OptionError(f"unknown fit option(s) for the keras backend: {unknown}; allowed: {list(_FIT_OPTIONS)}")
+    callbacks = kwargs.get("callbacks") or []
+    if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
+        raise OptionError("callbacks must be a list of keras.callbacks.Callback")
+    static = _static_terms(run)
+    run_eagerly = kwargs.get("run_eagerly", static is None)
+    if not run_eagerly and static is None:
+        raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
+    trainer.run_info, trainer.static_terms = run, static
+    trainer.compile(optimizer=optimizer, run_eagerly=run_eagerly, jit_compile=kwargs.get("jit_compile", "auto"))
+    if not optimizer.built:
+        optimizer.build(trainer.trainable_variables)
+    recorder = _Recorder(run)
+    spe = run.steps_per_epoch
+    epochs = math.ceil(run.steps / spe)
+    verbose = kwargs.get("verbose", "auto" if run.progress else 0)
+    with warnings.catch_warnings():
+        # A run of `steps` that is not a whole number of epochs ends inside its last epoch, by design.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        history = trainer.fit(
+            _batches(run, trainer.nested.compute_dtype_name, integer_inputs),
+            epochs=epochs, steps_per_epoch=spe, callbacks=[recorder, *callbacks], verbose=verbose, shuffle=False,
+        )
+    if recorder.bad is not None:
+        step, loss, grads_ok = recorder.bad
+        run.record(step, loss)  # raises NonFiniteLossError on a non-finite loss
+        run.check_gradients(step, grads_ok)  # else the gradient was the problem: raises too
+    return history

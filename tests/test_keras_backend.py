@@ -1,0 +1,277 @@
+"""The Keras 3 backend through the public API, on the engine ``KERAS_BACKEND`` names.
+
+Run once per engine, each in its own process (Keras picks its engine once)::
+
+    KERAS_BACKEND=jax .venv/bin/python -m pytest tests/test_keras_backend.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras  # a missing keras is an error, never a skip
+
+import matta
+from matta import MLP, MatTA, Transformer, reference
+from matta.losses import LossOptions, StepPlan, Targets, Term
+from matta.nesting import full, resolve
+from matta.backends.keras import engine
+from spec_tests.assertions import assert_bitwise_equal, assert_close
+
+ENGINE = keras.backend.backend()
+MLP_SPEC = MLP(d_in=24, hidden=[64, 48], d_out=7, activation="gelu", multiple_of=8)
+LM_SPEC = Transformer(vocab_size=23, max_len=12, d_model=32, n_layers=3, n_heads=4, d_ff=64,
+                      nested=("d_ff", "n_heads", "d_model"))
+GRANULARITIES = {
+    "mlp": ["TA", 0.25, 0.5, {"hidden": [16, 48]}, {"hidden": [0.75, 5]}],
+    "transformer": ["TA", 0.25, 0.5, {"d_ff": [16, 64, 32], "n_heads": [1, 4, 2]}, {"layers": [0, 2], "d_model": 16},
+                    {"n_layers": 2, "d_ff": 0.5}],
+}
+#: Engines whose every op runs float64 in float64 (Keras 3 maps float64 to float32 elsewhere; see the docs).
+FLOAT64_ENGINES = {"tensorflow"}
+DTYPES = ["float32"] + (["float64"] if ENGINE in FLOAT64_ENGINES else [])
+
+
+def _data(spec, n, seed=0):
+    rng = np.random.default_rng(seed)
+    if isinstance(spec, MLP):
+        centers = np.random.default_rng(99).standard_normal((spec.d_out, spec.d_in)) * 0.7
+        y = rng.integers(0, spec.d_out, n)
+        return (centers[y] + rng.standard_normal((n, spec.d_in))).astype("float32"), y
+    start = rng.integers(0, spec.vocab_size, (n, 1))
+    seq = (start + np.arange(spec.max_len + 1)) % spec.vocab_size  # next token = token + 1
+    return seq[:, :-1], seq[:, 1:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_nested_forward_matches_the_reference_and_extraction_is_bit_exact(spec, dtype):
+    """DESIGN §7.1 and §7.2 at sizes where BLAS blocking matters (batch 32)."""
+    model = MatTA(spec, students={}, backend="keras", dtype=dtype, seed=1)
+    x, _ = _data(spec, 32)
+    weights = model.weights
+    for g in GRANULARITIES[spec.family]:
+        where = f"{ENGINE} {spec.family} {dtype} g={g}"
+        nested = model.predict(x, g)
+        assert nested.dtype == np.dtype(dtype), where
+        assert_close(nested, reference.forward(spec, weights, x, model.granularity(g)), dtype, where)
+        extracted = model.extract(g)
+        assert isinstance(extracted.model, keras.Model)
+        assert extracted.num_params == model.num_params(g) and (g == "TA" or extracted.num_params < spec.num_params)
+        assert_bitwise_equal(extracted.predict(x), nested, where)
+
+
+def test_extracted_models_are_built_in_keras_layers_only():
+    allowed = {"InputLayer", "Dense", "LayerNormalization", "Embedding", "Reshape"}
+    for spec in (MLP_SPEC, LM_SPEC):
+        student = MatTA(spec, backend="keras").extract(0.5)
+        kinds = {type(layer).__name__ for layer in student.model.layers}
+        modules = {type(layer).__module__.split(".")[0] for layer in student.model.layers}
+        assert modules == {"keras"}, modules
+        assert {"Dense"} <= kinds <= allowed, kinds
+
+
+def test_float64_support_is_probed_and_refused_with_a_matta_error():
+    """float64 runs exactly where every op computes in float64; elsewhere a matta error names the op."""
+    for spec in (MLP_SPEC, LM_SPEC):
+        blocker = engine.float64_blocker(spec)
+        if ENGINE in FLOAT64_ENGINES:
+            assert blocker is None
+            assert MatTA(spec, backend="keras", dtype="float64").predict(_data(spec, 2)[0]).dtype == np.float64
+        else:
+            assert blocker is not None and blocker.startswith("keras.ops.")
+            with pytest.raises(matta.InputTypeError, match=rf"dtype must be 'float32' .*KERAS_BACKEND={ENGINE}: {blocker}"):
+                MatTA(spec, backend="keras", dtype="float64")
+
+
+class _Counter(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.batches, self.epochs, self.logs = 0, 0, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs += 1
+        self.logs.append(dict(logs))
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_fit_goes_through_keras_lowers_the_loss_and_runs_callbacks(spec):
+    x, y = _data(spec, 256)
+    x_val, y_val = _data(spec, 64, seed=1)
+    model = MatTA(spec, students={"S": 0.25, "M": 0.5}, backend="keras", seed=0, learning_rate=1e-2)
+    before = model.evaluate(x_val, y_val)
+    counter = _Counter()
+    history = model.fit(x, y, steps=40, batch_size=32, validation_data=(x_val, y_val), progress=False,
+                        callbacks=[counter])
+    after = model.evaluate(x_val, y_val)
+    assert len(history["steps"]) == 40 and len(history["epochs"]) == 5  # 256 / 32 = 8 steps an epoch
+    assert [s["step"] for s in history["steps"]] == list(range(40))
+    assert history["steps"][0]["distill"] == 0.0 and history["steps"][-1]["distill"] == pytest.approx(0.5)
+    assert counter.batches == 40 and counter.epochs == 5
+    last = counter.logs[-1]
+    assert {"loss", "TA_loss", "S_loss", "M_loss", "val_TA_loss", "val_S_accuracy"} <= set(last), last
+    assert "step" not in last and "grads_finite" not in last  # internal keys never reach user callbacks
+    # Keras shows an epoch's running mean as `loss`; matta keeps every step.
+    assert last["loss"] == pytest.approx(np.mean([s["loss"] for s in history["steps"][32:]]), rel=1e-5)
+    assert last["val_S_loss"] == pytest.approx(after["S"]["loss"])
+    for name in ("TA", "S", "M"):
+        assert after[name]["loss"] < 0.75 * before[name]["loss"], (name, before[name], after[name])
+
+
+@pytest.mark.parametrize("sampling", ["sandwich", "one"])
+def test_steps_whose_granularities_vary_train_eagerly_and_follow_the_schedule(sampling):
+    """sandwich/one sampling change the granularity set per step; each step must train its own plan."""
+    x, y = _data(MLP_SPEC, 64)
+    model = MatTA(MLP_SPEC, students={"S": 0.25, "M": 0.5}, backend="keras", sampling=sampling, seed=3)
+    history = model.fit(x, y, steps=6, batch_size=16, progress=False)
+    for entry in history["steps"]:
+        plan = model.schedule.plan(entry["step"], 6)
+        assert {k[len("loss/"):] for k in entry if k.startswith("loss/")} == {t.name for t in plan.terms}
+
+
+def test_the_first_steps_equal_the_torch_backend():
+    """Same weights, batches, plan and optimizer (AdamW) → the same losses, within float32 rounding."""
+    x, y = _data(MLP_SPEC, 96)
+    losses = {}
+    for name in ("torch", "keras"):
+        model = MatTA(MLP_SPEC, students={"S": 0.25}, backend=name, seed=7, learning_rate=1e-3, weight_decay=0.01,
+                      ramp="linear", ramp_end=2)
+        losses[name] = [s["loss"] for s in model.fit(x, y, steps=6, batch_size=32, progress=False)["steps"]]
+    np.testing.assert_allclose(losses["keras"], losses["torch"], rtol=2e-5)
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_weights_move_between_torch_and_keras_with_equal_outputs(spec):
+    x, y = _data(spec, 64)
+    trained = MatTA(spec, students={"S": 0.5}, backend="torch", seed=5)
+    trained.fit(x, y, steps=3, batch_size=32, progress=False)
+    into_keras = MatTA.from_weights(spec, trained.weights, students={"S": 0.5}, backend="keras")
+    for k, w in trained.weights.items():
+        assert_bitwise_equal(into_keras.weights[k], w, k)
+    for g in ("TA", "S"):
+        assert_close(into_keras.predict(x, g), trained.predict(x, g), "float32", f"torch → keras g={g}")
+    into_keras.fit(x, y, steps=3, batch_size=32, progress=False)
+    back = MatTA.from_weights(spec, into_keras.weights, students={"S": 0.5}, backend="torch")
+    for g in ("TA", "S"):
+        assert_close(back.predict(x, g), into_keras.predict(x, g), "float32", f"keras → torch g={g}")
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_loss_and_gradients_equal_the_torch_backend(spec):
+    dtype = DTYPES[-1]
+    tol = {"float32": 2e-5, "float64": 1e-10}[dtype]
+    torch_backend = matta.backend.get_backend("torch")
+    keras_backend = matta.backend.get_backend("keras")
+    weights = {k: v.astype(dtype) for k, v in matta.weights.initial_weights(spec, 2, "float64").items()}
+    x, y = _data(spec, 6)
+    soft = np.exp(matta.losses.NumpyOps().log_softmax(np.random.default_rng(1).standard_normal(y.shape + (
+        spec.d_out if isinstance(spec, MLP) else spec.vocab_size,))))
+    options = LossOptions(hard_label_weight=0.3, temperature=2.0, stop_gradient=True)
+    g = resolve(spec, 0.5)
+    plan = StepPlan(0, (Term("TA", full(spec), 1.0, None), Term("S", g, 0.7, "TA")), 0.4)
+    targets = Targets(hard=y, soft=soft.astype(dtype))
+    results = {}
+    for b in (torch_backend, keras_backend):
+        results[b.name] = b.loss_and_gradients(b.build(spec, weights, device="cpu"), x, targets, plan, options)
+    loss_t, grads_t = results["torch"]
+    loss_k, grads_k = results["keras"]
+    assert loss_k == pytest.approx(loss_t, rel=tol)
+    assert sorted(grads_k) == sorted(grads_t)
+    for k in grads_t:
+        scale = max(1e-3, float(np.abs(grads_t[k]).max()))
+        assert float(np.abs(grads_k[k] - grads_t[k]).max()) <= tol * 10 * scale, k
+
+
+def test_a_nan_loss_stops_training_with_the_last_good_weights():
+    """Rule T4: the bad step's update is skipped inside the compiled step and fit stops there."""
+    x, y = _data(MLP_SPEC, 64)
+    kwargs = dict(students={"S": 0.5}, backend="keras", seed=0, learning_rate=1e12, ramp="constant")
+    make = lambda: MatTA(MLP_SPEC, optimizer=keras.optimizers.SGD(learning_rate=1e12), **kwargs)  # noqa: E731
+    model = make()
+    with pytest.raises(matta.NonFiniteLossError, match=r"at step (\d+); the weights are those after step") as info:
+        model.fit(x, y, steps=50, batch_size=64, progress=False)
+    failed_at = int(str(info.value).split("at step ")[1].split(";")[0])
+    assert failed_at >= 1
+    replay = make()
+    replay.fit(x, y, steps=failed_at, batch_size=64, progress=False)
+    for k, w in replay.weights.items():
+        assert np.all(np.isfinite(model.weights[k])), k
+        assert_bitwise_equal(model.weights[k], w, k)
+
+
+def test_optimizer_and_fit_options():
+    x, y = _data(MLP_SPEC, 64)
+    for optimizer in (None, "sgd", keras.optimizers.Adam(learning_rate=1e-3)):
+        model = MatTA(MLP_SPEC, backend="keras", optimizer=optimizer)
+        before = model.weights["layers.0.kernel"].copy()
+        model.fit(x, y, steps=2, batch_size=32, progress=False)
+        assert not np.array_equal(before, model.weights["layers.0.kernel"]), optimizer
+    with pytest.raises(matta.OptionError, match="optimizer must be None"):
+        MatTA(MLP_SPEC, backend="keras", optimizer="no-such-optimizer").fit(x, y, steps=1, progress=False)
+    with pytest.raises(matta.OptionError, match="optimizer must be None"):
+        MatTA(MLP_SPEC, backend="keras", optimizer=3).fit(x, y, steps=1, progress=False)
+    with pytest.raises(matta.OptionError, match=r"unknown fit option\(s\) for the keras backend: \['shuffle'\]"):
+        MatTA(MLP_SPEC, backend="keras").fit(x, y, steps=1, progress=False, shuffle=True)
+    with pytest.raises(matta.OptionError, match="callbacks must be a list of keras.callbacks.Callback"):
+        MatTA(MLP_SPEC, backend="keras").fit(x, y, steps=1, progress=False, callbacks=[print])
+
+
+@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+def test_model_keras_loads_and_predicts_without_matta(spec, tmp_path):
+    """A `.keras` Student loads with keras.saving.load_model (safe mode) in a process that never imports matta."""
+    model = MatTA(spec, students={"S": 0.25}, backend="keras", seed=3)
+    student = model.extract({"hidden": [16, 48]} if isinstance(spec, MLP) else {"d_ff": 0.25, "layers": [0, 2], "d_model": 16})
+    files = student.save(str(tmp_path))
+    assert sorted(files) == ["model.keras", "spec.json", "weights.safetensors"]
+    x, _ = _data(spec, 8)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, keras\n"
+        f"model = keras.saving.load_model({str(tmp_path / 'model.keras')!r}, safe_mode=True)\n"
+        f"x = np.load({str(tmp_path / 'x.npy')!r})\n"
+        + ("x = x.astype('float32')\n" if isinstance(spec, MLP) else "x = x.astype('int32')\n")
+        + "y = keras.ops.convert_to_numpy(model(x))\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        f"np.save({str(tmp_path / 'p.npy')!r}, model.predict(x, verbose=0))\n"
+        "assert 'matta' not in sys.modules, 'matta was imported'\n"
+        "assert not any(m.startswith('matta') for m in sys.modules), 'matta was imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": "", "KERAS_BACKEND": ENGINE}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path), env=env)
+    nested = model.predict(x, model.granularity(student.info["source"]["granularity"]))
+    # Eager call: the same kernels as the nested forward, so bit for bit.
+    assert_bitwise_equal(np.load(tmp_path / "y.npy"), nested, f"{ENGINE} loaded model(x)")
+    # model.predict compiles (XLA under JAX/TF): within the documented bound.
+    err = float(np.abs(np.load(tmp_path / "p.npy").astype(np.float64) - nested).max())
+    assert err <= PREDICT_BOUND * max(1.0, float(np.abs(nested).max())), err
+
+
+#: docs/backends/keras-exactness.md: max |model.predict − nested| / max(1, max |nested|), float32.
+PREDICT_BOUND = 1e-5
+
+
+def test_load_a_saved_folder_into_keras_from_either_backend(tmp_path):
+    torch_model = MatTA(LM_SPEC, students={"S": 0.5}, backend="torch", seed=8)
+    torch_model.extract("S").save(str(tmp_path / "t"))
+    loaded = matta.load(str(tmp_path / "t"), backend="keras")
+    x, _ = _data(LM_SPEC, 4)
+    assert_close(loaded.predict(x), torch_model.predict(x, "S"), "float32", "torch folder → keras")
+    loaded.save(str(tmp_path / "k"))
+    back = matta.load(str(tmp_path / "k"), backend="torch")
+    assert_close(back.predict(x), loaded.predict(x), "float32", "keras folder → torch")
+
+
+def test_backend_of_sees_keras_models_first():
+    from matta.backend import backend_of
+
+    model = MatTA(MLP_SPEC, backend="keras")
+    assert backend_of(model.model) == "keras"
+    assert backend_of(model.extract(0.5).model) == "keras"
