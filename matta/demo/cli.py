@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from matta.errors import OptionError
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # a log file or pipe: wide enough that the table does not wrap
     mode = "full" if args.full else "smoke" if args.smoke else "default"
     n_seeds = args.seeds if args.seeds is not None else (3 if args.full else 1)
     if n_seeds < 1 or args.seed < 0:
