@@ -97,7 +97,7 @@ _TEXT = {
         latency_repeats=20,
     ),
 }
-# The study: the default's sizes, a stronger Teacher and twice the training.
+# The study: the default's sizes, a stronger Teacher and 2.4x the training steps.
 _TEXT["full"] = dataclasses.replace(_TEXT["default"], teacher_steps=800, steps=600, latency_repeats=50)
 
 TASKS = ("digits", "text")

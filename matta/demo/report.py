@@ -207,3 +207,21 @@ def headline(task: str, res: dict[str, Any]) -> str:
     parts.append("Mix'n'Match frontier " + ("monotone" if mono["monotone"]
                                              else f"NOT monotone at {mono['violations']}"))
     return f"[{task}] " + "; ".join(parts)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The tables of a ``metrics.json`` document as Markdown (what docs/results.md quotes)."""
+    lines = []
+    for task, res in doc["tasks"].items():
+        cols = columns(task)
+        lines += [f"### {task}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows(res)]
+        lines += ["", headline(task, res), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m matta.demo.report REPORT/metrics.json
+    import sys
+
+    with open(sys.argv[1]) as f:
+        print(markdown(json.load(f)))
