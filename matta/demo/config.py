@@ -1,0 +1,119 @@
+"""Sizes and recipes of the demo's modes: ``smoke`` (tests), ``default`` (<= 5 min on 2 CPU cores), ``full``.
+
+Everything a run does is decided here, so a report's ``config`` section (this
+dataclass as JSON) plus the seed reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from matta.errors import OptionError
+
+__all__ = ["MODES", "TaskConfig", "task_configs"]
+
+MODES = ("smoke", "default", "full")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task's recipe.
+
+    Attributes:
+        task: ``"digits"`` or ``"text"``.
+        data: keyword arguments of the data loader (:mod:`matta.demo.data`).
+        teacher: keyword arguments of the Teacher's spec (``MLP`` or ``Transformer``).
+        teacher_steps: optimizer steps of the Teacher (trained alone on the true labels).
+        teacher_learning_rate: its AdamW learning rate.
+        ta: keyword arguments of the TA's spec; Students are prefix slices of it.
+        students: Student name -> fraction of every nested dimension.
+        steps: optimizer steps of every MatTA run and every baseline.
+        batch_size: examples per step.
+        learning_rate: AdamW learning rate of MatTA runs and baselines.
+        weight_decay: AdamW weight decay of MatTA runs and baselines.
+        loss: MatTA loss options (:class:`matta.LossOptions`); baselines get the same.
+        latency_repeats: timed single-example calls per model (the median is reported).
+        export_native: write the backend's native file (``model.pt2`` / ``model.keras``) too.
+    """
+
+    task: str
+    data: dict[str, Any]
+    teacher: dict[str, Any]
+    teacher_steps: int
+    teacher_learning_rate: float
+    ta: dict[str, Any]
+    students: dict[str, float]
+    steps: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float = 0.0
+    teacher_weight_decay: float = 0.0
+    loss: dict[str, Any] = field(default_factory=dict)
+    latency_repeats: int = 50
+    export_native: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON-ready data."""
+        return dataclasses.asdict(self)
+
+
+# The recipe shared by both tasks (DESIGN §4 options; chosen in docs/results.md).
+_LOSS = dict(temperature=2.0, distill_weight=0.5, ramp="linear", ramp_start=0, ramp_end=None)
+
+_DIGITS = {
+    "smoke": TaskConfig(
+        task="digits", data={"limit": 300},
+        teacher={"d_in": 64, "hidden": [64], "d_out": 10}, teacher_steps=40, teacher_learning_rate=3e-3,
+        ta={"d_in": 64, "hidden": [32, 32], "d_out": 10}, students={"S": 0.25, "M": 0.5},
+        steps=30, batch_size=64, learning_rate=3e-3, loss=_LOSS, latency_repeats=3, export_native=False,
+    ),
+    "default": TaskConfig(
+        task="digits", data={"shifts": 1},
+        teacher={"d_in": 64, "hidden": [512, 512], "d_out": 10}, teacher_steps=1500, teacher_learning_rate=1e-3,
+        teacher_weight_decay=1e-2,
+        ta={"d_in": 64, "hidden": [128, 128], "d_out": 10}, students={"S": 0.125, "M": 0.25},
+        steps=1500, batch_size=64, learning_rate=3e-3, loss=_LOSS, latency_repeats=50,
+    ),
+}
+_DIGITS["full"] = dataclasses.replace(_DIGITS["default"], latency_repeats=200)
+
+_TEXT = {
+    "smoke": TaskConfig(
+        task="text", data={"seq_len": 16, "max_chars": 20000},
+        teacher={"vocab_size": 97, "max_len": 16, "d_model": 32, "n_layers": 1, "n_heads": 2},
+        teacher_steps=20, teacher_learning_rate=3e-3,
+        ta={"vocab_size": 97, "max_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 4, "nested": ["d_ff", "n_heads"]},
+        students={"S": 0.25, "M": 0.5}, steps=15, batch_size=16, learning_rate=3e-3, loss=_LOSS,
+        latency_repeats=3, export_native=False,
+    ),
+    "default": TaskConfig(
+        task="text", data={"seq_len": 32},
+        teacher={"vocab_size": 97, "max_len": 32, "d_model": 128, "n_layers": 2, "n_heads": 4},
+        teacher_steps=300, teacher_learning_rate=3e-3,
+        ta={"vocab_size": 97, "max_len": 32, "d_model": 64, "n_layers": 2, "n_heads": 4, "nested": ["d_ff", "n_heads"]},
+        students={"S": 0.25, "M": 0.5}, steps=250, batch_size=32, learning_rate=3e-3, loss=_LOSS,
+        latency_repeats=20,
+    ),
+}
+# The study: the default's sizes, a stronger Teacher and 2.4x the training steps.
+_TEXT["full"] = dataclasses.replace(_TEXT["default"], teacher_steps=800, steps=600, latency_repeats=50)
+
+TASKS = ("digits", "text")
+
+
+def task_configs(mode: str, tasks: Optional[list[str]] = None, steps: Optional[int] = None) -> list[TaskConfig]:
+    """The recipes of ``mode`` for ``tasks`` (default both), optionally with ``steps`` overridden."""
+    if mode not in MODES:
+        raise OptionError(f"mode must be one of {list(MODES)}; got {mode!r}")
+    tasks = list(TASKS) if tasks is None else tasks
+    out = []
+    for t in tasks:
+        if t not in TASKS:
+            raise OptionError(f"task must be one of {list(TASKS)}; got {t!r}")
+        cfg = (_DIGITS if t == "digits" else _TEXT)[mode]
+        if steps is not None:
+            cfg = dataclasses.replace(cfg, steps=int(steps))
+        out.append(cfg)
+    return out
