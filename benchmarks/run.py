@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,8 +42,12 @@ def main(argv=None) -> int:
                     results["training"].append(torch_bench.training(w, steps, repeats))
                 if "serving" not in skip:
                     results["serving"] += torch_bench.serving(w, repeats)
+        elif backend.startswith("keras-"):
+            results_keras = _keras(backend.split("-", 1)[1], args.smoke, skip)
+            results["training"] += results_keras["training"]
+            results["serving"] += results_keras["serving"]
         else:
-            raise SystemExit(f"unknown backend {backend!r}")
+            raise SystemExit(f"unknown backend {backend!r}; use torch or keras-<tensorflow|jax|torch>")
 
     if "extraction" not in skip:
         from benchmarks import extraction_bench
@@ -59,11 +64,27 @@ def main(argv=None) -> int:
     return 0
 
 
+def _keras(engine: str, smoke: bool, skip: set) -> dict:
+    """Runs benchmarks/keras_bench.py in a fresh process with KERAS_BACKEND=engine."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "keras.json")
+        cmd = [sys.executable, os.path.join(HERE, "keras_bench.py"), "--json", path, "--skip", ",".join(skip)]
+        env = {**os.environ, "KERAS_BACKEND": engine, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.setdefault("KERAS_HOME", os.path.join(tmp, "keras-home"))
+        subprocess.run(cmd + (["--smoke"] if smoke else []), check=True, env=env)
+        with open(path) as f:
+            return json.load(f)
+
+
 def _print(r: dict) -> None:
     print(f"machine: {r['machine']}")
     if r["training"]:
         print("\nTraining step (ratio = MatTA step / sum of plain steps of every size; goal <= 1.10)")
         print(table(r["training"], ["workload", "backend", "matta_step_s", "plain_sum_s", "train_ratio", "matformer_step_s", "matformer_ratio"]))
+        print("(matformer_ratio = MatTA step / MatFormer-pattern step: a backward per granularity, then one optimizer step; torch)")
     if r["serving"]:
         print("\nServing (serve_ratio = extracted Student / independent plain model, goal <= 1.02; nested_ratio = nested at S / extracted)")
         print(table(r["serving"], ["workload", "backend", "batch", "extracted_s", "plain_s", "serve_ratio", "nested_s", "nested_ratio"]))
