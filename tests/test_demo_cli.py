@@ -95,3 +95,16 @@ def test_importing_matta_and_the_demo_package_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_baselines_ignore_the_recipes_per_term_weights(tmp_path, monkeypatch):
+    """A recipe with student_weights/ta_weight must still train its baselines (they have no Students)."""
+    import dataclasses
+
+    from matta.demo import config, run
+
+    smoke = config.task_configs("smoke", ["digits"])[0]
+    weighted = dataclasses.replace(smoke, loss={**smoke.loss, "student_weights": {"S": 2.0}, "ta_weight": 0.5})
+    result = run.run_task(weighted, seeds=[0], backend="torch", cache_dir=str(tmp_path / "cache"),
+                          out_dir=None, progress=False, log=lambda *_: None)
+    assert {"baseline S", "baseline M", "S", "M", "TA"} <= set(result["models"])

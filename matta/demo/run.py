@@ -157,7 +157,10 @@ def run_task(
         labels = teacher.predict(ds.x_train) if cfg.task == "digits" else BatchMemo(teacher)
         for name, fraction in sorted(cfg.students.items(), key=lambda kv: kv[1]):
             log(f"[{cfg.task}] seed {seed}: baseline {name} trained alone")
-            base = MatTA(_baseline_spec(cfg, fraction), students={}, seed=seed, **common)
+            # A baseline has no Students and trains its one model with weight 1: the per-term
+            # weights of the MatTA recipe do not apply to it.
+            alone = {k: v for k, v in common.items() if k not in ("student_weights", "ta_weight")}
+            base = MatTA(_baseline_spec(cfg, fraction), students={}, seed=seed, **alone)
             base.fit(ds.x_train, ds.y_train, teacher=labels, **fit)
             add(f"baseline {name}", "baseline", seed, evaluate_extracted(base.extract(), ds, cfg.latency_repeats),
                 fraction)
