@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from benchmarks.common import workloads, data
@@ -17,9 +17,16 @@ w = [w for w in workloads({smoke}) if w.name == {name!r}][0]
 x, y = data(w.spec, w.num_examples)
 students = w.students if {matta} else {{}}
 model = MatTA(w.spec, students, backend={backend!r}, seed=0)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child started by a
+    # large parent would report the parent's peak. VmHWM belongs to this process image only.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc/self/status")
+base = hwm()
 model.fit(x, y, steps={steps}, batch_size=w.batch_size, progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({{"base_kb": base, "peak_kb": peak}}))
 """
 
