@@ -59,6 +59,8 @@ def _valid(field, value, nestable) -> bool:
         return isinstance(value, list) and all(v in nestable for v in value)
     if field in ("d_ff", "d_head") and value is None:
         return True  # the documented defaults
+    if field == "layer_norm_epsilon":
+        return isinstance(value, float) and 0 < value < 1
     return isinstance(value, list) and len(value) > 0 and all(isinstance(v, int) and v >= 1 for v in value)
 
 
