@@ -229,4 +229,13 @@ def _attach_spec(module: nn.Module, spec: Spec) -> None:
     object.__setattr__(module, "spec_parameters", lambda: names)
 
 
+def set_num_threads(n: int) -> None:
+    """Caps torch's intra-op (and, when still allowed, inter-op) thread pools at ``n``."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # only settable before the first parallel op; the intra-op cap is what matters
+        pass
+
+
 backend = TorchBackend()

@@ -34,13 +34,9 @@ def limit_threads(n: int, backend: str) -> None:
                 "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
         os.environ[var] = str(n)
     if backend == "torch" or os.environ.get("KERAS_BACKEND") == "torch":
-        import torch
+        from matta.backends.torch import set_num_threads  # framework code lives in the backend
 
-        torch.set_num_threads(n)
-        try:
-            torch.set_num_interop_threads(n)
-        except RuntimeError:  # only settable before the first parallel op; the intra-op cap is what matters
-            pass
+        set_num_threads(n)
 
 
 def _levels(spec, students: dict[str, float]) -> list[dict[str, list[int]]]:
