@@ -22,7 +22,7 @@ from typing import Any, Generic, Mapping, Optional, Protocol, TypeVar
 import numpy as np
 
 from matta.errors import OptionError, choice
-from matta.nesting import Granularity, check_chain, full, num_params, sample_between
+from matta.nesting import Granularity, check_chain, full, num_params, sample_between, sample_mixnmatch
 from matta.specs import Spec
 
 __all__ = [
@@ -57,7 +57,7 @@ class LossOptions:
             mixed into the task loss: ``(1 − β)·CE(z, p_T) + β·CE(z, y)`` (rule L1).
         ta_weight: ``w_TA`` (rule L6).
         student_weights: ``w_g`` per student name; students not named get 1.0.
-            Random Mix'n'Match granularities of sandwich sampling get 1.0 (rule L6).
+            Random Mix'n'Match granularities of sandwich and mixnmatch sampling get 1.0 (rule L6).
         parent: ``"ta"`` (every student distils from the TA) or ``"chain"`` (each
             from the next larger active granularity, as in TA-KD) (rule L2).
         stop_gradient: detach the parent in the distillation term (rule L3).
@@ -68,9 +68,10 @@ class LossOptions:
         ramp_end: step where it reaches ``distill_weight``; ``None`` means a tenth
             of the run's steps.
         sampling: granularities per step: ``"all"``, ``"sandwich"`` (TA + smallest
-            student + ``num_random`` random Mix'n'Match between them) or ``"one"``
-            (TA + one student drawn uniformly) (rule T2).
-        num_random: random Mix'n'Match granularities per sandwich step.
+            student + ``num_random`` random Mix'n'Match between them), ``"one"``
+            (TA + one student drawn uniformly) or ``"mixnmatch"`` (TA + every
+            student + ``num_random`` random per-layer mixes of their sizes) (rules T2, T5).
+        num_random: random Mix'n'Match granularities per ``sandwich`` or ``mixnmatch`` step.
     """
 
     task: str = "classification"
@@ -108,7 +109,7 @@ class LossOptions:
             _integer("ramp_end", self.ramp_end, 0)
             if self.ramp_end < self.ramp_start:
                 raise OptionError(f"ramp_end must be >= ramp_start={self.ramp_start}; got {self.ramp_end}")
-        choice("sampling", self.sampling, ("all", "sandwich", "one"))
+        choice("sampling", self.sampling, ("all", "sandwich", "one", "mixnmatch"))
         _integer("num_random", self.num_random, 0)
 
     @classmethod
@@ -206,8 +207,12 @@ class Schedule:
         rng = np.random.default_rng([self.seed, 7919, step])
         names = [n for n in self.order if n != TA]  # smallest first
         chosen: list[tuple[str, Granularity, float]] = []
-        if o.sampling == "all":
+        if o.sampling in ("all", "mixnmatch"):
             chosen = [(n, self.students[n], o.student_weights.get(n, 1.0)) for n in names]
+            if o.sampling == "mixnmatch" and names:
+                levels = [self.students[n] for n in names] + [self.ta]
+                for k in range(o.num_random):  # rule T5
+                    chosen.append((f"mix{k}", sample_mixnmatch(self.spec, levels, rng), 1.0))
         elif o.sampling == "one" and names:
             n = names[int(rng.integers(len(names)))]
             chosen = [(n, self.students[n], o.student_weights.get(n, 1.0))]

@@ -9,13 +9,13 @@ import numpy as np
 
 from matta import saving
 from matta.backend import Backend, get_backend
-from matta.errors import GranularityError, InputError, InputTypeError, OptionError, describe
+from matta.errors import GranularityError, InputError, InputTypeError, OptionError, choice, describe
 from matta.extraction import extract
 from matta.inputs import check_same_length, check_teacher_output, check_x, check_y
 from matta.losses import TA, LossOptions, NumpyOps, Schedule
 from matta.nesting import Granularity, GranularityLike, num_params, resolve
 from matta.specs import Spec, Transformer, check_spec
-from matta.training import TeacherLike, TrainingRun
+from matta.training import LEARNING_RATE_SCHEDULES, TeacherLike, TrainingRun
 from matta.weights import check_dtype, check_weights, initial_weights
 
 __all__ = ["MatTA", "Extracted", "load", "metrics"]
@@ -45,6 +45,10 @@ class MatTA:
             or ``callable(params) -> optimizer``; Keras: an optimizer instance or name.
         learning_rate: learning rate of the default optimizer.
         weight_decay: weight decay of the default optimizer.
+        learning_rate_schedule: ``"constant"`` or ``"cosine"`` decay over each
+            ``fit()`` call (rule T6). It scales the optimizer's learning rate; on
+            Keras it needs the default optimizer.
+        warmup_steps: steps of linear learning-rate warm-up at the start of each ``fit()`` (rule T6).
         **loss_options: any field of :class:`~matta.losses.LossOptions`.
     """
 
@@ -60,6 +64,8 @@ class MatTA:
         optimizer: Any = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        learning_rate_schedule: str = "constant",
+        warmup_steps: int = 0,
         _weights: Optional[Mapping[str, np.ndarray]] = None,
         **loss_options: Any,
     ):
@@ -86,6 +92,11 @@ class MatTA:
         for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise OptionError(f"{name} must be a number >= 0; got {value!r}")
+        choice("learning_rate_schedule", learning_rate_schedule, LEARNING_RATE_SCHEDULES)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
+            raise OptionError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
+        self.learning_rate_schedule = learning_rate_schedule
+        self.warmup_steps = int(warmup_steps)
         self.optimizer = optimizer
         self.learning_rate = float(learning_rate)
         self.weight_decay = float(weight_decay)
@@ -206,6 +217,7 @@ class MatTA:
             spec=self.spec, x=x, y=y, teacher=teacher, options=self.options, schedule=self.schedule,
             steps=total, batch_size=int(batch_size), seed=self.seed + len(getattr(self, "_fits", [])),
             dtype=self.dtype, progress=total >= 50 if progress is None else bool(progress),
+            learning_rate_schedule=self.learning_rate_schedule, warmup_steps=self.warmup_steps,
             steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
         )
         self.backend.fit(

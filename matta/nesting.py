@@ -27,6 +27,7 @@ from matta.specs import MLP, Parameter, Spec, Transformer
 
 __all__ = [
     "Granularity",
+    "sample_mixnmatch",
     "GranularityLike",
     "resolve",
     "full",
@@ -377,6 +378,41 @@ def sample_between(spec: Spec, small: Granularity, large: Granularity, rng: np.r
             low = max(low, 1)
         sizes[key] = int(rng.integers(low, high + 1))
     return Granularity(tuple(sorted(sizes.items())), tuple(sorted(blocks)))
+
+
+def _layer_of(key: str) -> str:
+    # "hidden.3" -> "hidden.3"; "blocks.2.d_ff" and "blocks.2.n_heads" -> "blocks.2"; "d_model" -> "d_model".
+    parts = key.split(".")
+    return ".".join(parts[:2])
+
+
+def sample_mixnmatch(spec: Spec, levels: Sequence[Granularity], rng: np.random.Generator) -> Granularity:
+    """A random Mix'n'Match granularity made of trained sizes (rule T5, ``sampling="mixnmatch"``).
+
+    ``levels`` are the trained granularities (declared Students and the TA),
+    a nested chain, smallest first. Every layer (an MLP hidden layer, a
+    Transformer block with its heads and ``d_ff``, or ``d_model``) draws one
+    level uniformly and takes that level's sizes, so the result is a per-layer
+    mix of the sizes that training sees, nested between ``levels[0]`` and
+    ``levels[-1]`` (rule N1). A block is kept if its drawn level keeps it.
+    """
+    assert levels, "sample_mixnmatch needs at least one level"
+    assert all(is_nested(a, b) for a, b in zip(levels, levels[1:])), "levels must be a nested chain, smallest first"
+    dicts = [g.as_dict() for g in levels]
+    layers = sorted({_layer_of(k) for k in dicts[0]})
+    drawn = {layer: int(rng.integers(len(levels))) for layer in layers}
+    sizes = {k: dicts[drawn[_layer_of(k)]][k] for k in sorted(dicts[0])}
+    blocks: set[int] = set(levels[0].blocks)
+    for layer, level in drawn.items():
+        if layer.startswith("blocks."):
+            index = int(layer.split(".")[1])
+            if index in levels[level].blocks:
+                blocks.add(index)
+            else:
+                assert all(sizes[k] == 0 for k in sizes if _layer_of(k) == layer), "a dropped block has size 0"
+    g = Granularity(tuple(sorted(sizes.items())), tuple(sorted(blocks)))
+    assert is_nested(levels[0], g) and is_nested(g, levels[-1]), "a Mix'n'Match of trained sizes stays nested (N1)"
+    return g
 
 
 def relative_to(spec: Spec, outer: Granularity, inner: Granularity) -> Granularity:

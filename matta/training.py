@@ -20,7 +20,10 @@ from matta.inputs import check_teacher_output
 from matta.losses import LossOptions, Schedule, StepPlan, Targets, teacher_probabilities
 from matta.specs import Spec, Transformer
 
-__all__ = ["Batch", "TrainingRun", "TeacherLike", "batch_indices"]
+__all__ = ["Batch", "TrainingRun", "TeacherLike", "batch_indices", "LEARNING_RATE_SCHEDULES", "learning_rate_scale"]
+
+#: The learning-rate schedules of rule T6.
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
 
 TeacherLike = Union[None, np.ndarray, Callable[[np.ndarray], Any]]
 
@@ -49,6 +52,24 @@ def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> 
             produced += 1
 
 
+def learning_rate_scale(schedule: str, warmup_steps: int, step: int, total_steps: int) -> float:
+    """Rule T6: the factor that multiplies the optimizer's learning rate at ``step`` (0-based).
+
+    A linear warm-up ``(step + 1) / warmup_steps`` over the first ``warmup_steps``
+    steps, then ``constant``: 1, or ``cosine``: ``(1 + cos(π·u)) / 2`` with ``u``
+    going from 0 after the warm-up to 1 at ``total_steps`` (so the last step's
+    rate is small but not 0). Every fit() call runs its own schedule.
+    """
+    assert schedule in LEARNING_RATE_SCHEDULES, schedule
+    assert 0 <= step < total_steps and warmup_steps >= 0, (step, total_steps, warmup_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    u = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * u))
+
+
 @dataclass
 class TrainingRun:
     """Everything a backend needs to train, already validated.
@@ -68,6 +89,8 @@ class TrainingRun:
     seed: int
     dtype: str
     progress: bool = True
+    learning_rate_schedule: str = "constant"
+    warmup_steps: int = 0
     steps_per_epoch: int = 1
     on_epoch_end: Optional[Callable[[int], Optional[dict]]] = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -86,6 +109,15 @@ class TrainingRun:
             raw = check_teacher_output(self.spec, raw, self.options.teacher_output, len(index), time)
             soft = teacher_probabilities(raw, self.options).astype(self.dtype)
         return Targets(hard=y, soft=soft)
+
+    @property
+    def schedules_learning_rate(self) -> bool:
+        """Whether rule T6 changes the learning rate during this run (else backends leave it alone)."""
+        return self.learning_rate_schedule != "constant" or self.warmup_steps > 0
+
+    def learning_rate_scale(self, step: int) -> float:
+        """Rule T6 at ``step`` of this run."""
+        return learning_rate_scale(self.learning_rate_schedule, self.warmup_steps, step, self.steps)
 
     def batches(self) -> Iterator[Batch]:
         """The run's batches in order, with a progress bar when asked for."""

@@ -137,13 +137,16 @@ def test_steps_whose_granularities_vary_train_eagerly_and_follow_the_schedule(sa
         assert {k[len("loss/"):] for k in entry if k.startswith("loss/")} == {t.name for t in plan.terms}
 
 
-def test_the_first_steps_equal_the_torch_backend():
-    """Same weights, batches, plan and optimizer (AdamW) → the same losses, within float32 rounding."""
+@pytest.mark.parametrize("options", [{}, {"learning_rate_schedule": "cosine", "warmup_steps": 2}],
+                         ids=["constant-rate", "cosine-warmup"])
+def test_the_first_steps_equal_the_torch_backend(options):
+    """Same weights, batches, plan and optimizer (AdamW), and rule T6's rates → the same losses, within float32 rounding."""
     x, y = _data(MLP_SPEC, 96)
     losses = {}
     for name in ("torch", "keras"):
-        model = MatTA(MLP_SPEC, students={"S": 0.25}, backend=name, seed=7, learning_rate=1e-3, weight_decay=0.01,
-                      ramp="linear", ramp_end=2)
+        kwargs = {"learning_rate": 1e-3, **options}
+        model = MatTA(MLP_SPEC, students={"S": 0.25}, backend=name, seed=7, weight_decay=0.01,
+                      ramp="linear", ramp_end=2, **kwargs)
         losses[name] = [s["loss"] for s in model.fit(x, y, steps=6, batch_size=32, progress=False)["steps"]]
     np.testing.assert_allclose(losses["keras"], losses["torch"], rtol=2e-5)
 
@@ -222,6 +225,9 @@ def test_optimizer_and_fit_options():
         MatTA(MLP_SPEC, backend="keras").fit(x, y, steps=1, progress=False, shuffle=True)
     with pytest.raises(matta.OptionError, match="callbacks must be a list of keras.callbacks.Callback"):
         MatTA(MLP_SPEC, backend="keras").fit(x, y, steps=1, progress=False, callbacks=[print])
+    with pytest.raises(matta.OptionError, match="learning_rate_schedule / warmup_steps need the default optimizer"):
+        MatTA(MLP_SPEC, backend="keras", optimizer="sgd", learning_rate_schedule="cosine").fit(x, y, steps=1,
+                                                                                                progress=False)
 
 
 @pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])

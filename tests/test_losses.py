@@ -1,4 +1,4 @@
-"""Rules L1–L6 and T1–T3 on hand-computed examples (numpy reference ops)."""
+"""Rules L1–L6 and T1–T6 on hand-computed examples (numpy reference ops)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 
 from matta.errors import OptionError
 from matta.losses import LossOptions, NumpyOps, Schedule, StepPlan, Targets, Term, composite_loss, ramp
-from matta.nesting import full, is_nested, resolve
-from matta.specs import MLP
+from matta.nesting import full, is_nested, resolve, sample_mixnmatch
+from matta.specs import MLP, Transformer
+from matta.training import learning_rate_scale
 
 OPS = NumpyOps()
 SPEC = MLP(d_in=2, hidden=[8, 8], d_out=3)
@@ -111,8 +112,57 @@ def test_sandwich_draws_nested_mix_n_match_between_smallest_and_ta():
     assert len(seen) > 10, "random Mix'n'Match granularities should vary"
 
 
+def test_mixnmatch_trains_every_student_and_per_layer_mixes_of_their_sizes():
+    """Rule T5: TA + every Student + num_random mixes whose layers each take one trained size."""
+    schedule = _schedule("mixnmatch", num_random=2)
+    levels = [schedule.students["S"], schedule.students["M"], schedule.ta]
+    trained = {key: {g.as_dict()[key] for g in levels} for key in levels[0].as_dict()}
+    seen = set()
+    for t in range(40):
+        terms = schedule.plan(t, 100).terms
+        names = [x.name for x in terms]
+        assert names[0] == "TA" and {"S", "M", "mix0", "mix1"} <= set(names) and len(terms) == 5, names
+        for term in terms:
+            sizes = term.granularity.as_dict()
+            assert all(sizes[k] in trained[k] for k in sizes), (t, term)
+            assert is_nested(schedule.students["S"], term.granularity) and is_nested(term.granularity, schedule.ta)
+        seen |= {x.granularity for x in terms if x.name.startswith("mix")}
+    # 3 levels on 2 layers: 9 mixes, and 40 steps of 2 draws see nearly all of them.
+    assert len(seen) >= 7, seen
+
+
+def test_mixnmatch_on_a_transformer_moves_each_block_as_one_layer_and_keeps_dropped_blocks_dropped():
+    """Rule T5 with depth: a block takes the heads and d_ff of one level, and is kept only if that level keeps it."""
+    spec = Transformer(vocab_size=11, max_len=8, d_model=16, n_layers=3, n_heads=4, d_ff=32,
+                       nested=["d_ff", "n_heads", "n_layers"])
+    small = resolve(spec, {"n_heads": 1, "d_ff": 8, "layers": [0]})
+    middle = resolve(spec, {"n_heads": 2, "d_ff": 16, "layers": [0, 2]})
+    levels = [small, middle, full(spec)]
+    for t in range(50):
+        g = sample_mixnmatch(spec, levels, np.random.default_rng(t))
+        sizes = g.as_dict()
+        for block in range(3):
+            pair = (sizes[f"blocks.{block}.n_heads"], sizes[f"blocks.{block}.d_ff"])
+            assert pair in {(lv.as_dict()[f"blocks.{block}.n_heads"], lv.as_dict()[f"blocks.{block}.d_ff"])
+                            for lv in levels}, (t, g)
+            assert (block in g.blocks) == (pair != (0, 0)), (t, g)
+        assert 0 in g.blocks and is_nested(small, g) and is_nested(g, levels[-1])
+
+
+def test_learning_rate_schedules():
+    """Rule T6: linear warm-up, then constant or a half cosine that ends near (not at) zero."""
+    assert [learning_rate_scale("constant", 0, t, 10) for t in range(10)] == [1.0] * 10
+    assert [learning_rate_scale("constant", 4, t, 10) for t in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = [learning_rate_scale("cosine", 0, t, 100) for t in range(100)]
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.5) and 0 < cos[-1] < 1e-3
+    assert all(a > b for a, b in zip(cos, cos[1:])), "cosine decays every step"
+    warm = [learning_rate_scale("cosine", 10, t, 110) for t in range(110)]
+    assert warm[:10] == [pytest.approx((t + 1) / 10) for t in range(10)] and warm[10] == 1.0
+    assert warm[60] == pytest.approx(0.5)
+
+
 def test_option_errors_name_the_field():
-    with pytest.raises(OptionError, match="sampling must be 'all', 'sandwich' or 'one'"):
+    with pytest.raises(OptionError, match="sampling must be 'all', 'sandwich', 'one' or 'mixnmatch'"):
         LossOptions(sampling="random")
     with pytest.raises(OptionError, match=r"temperature must be a number in \(0.0, inf\]"):
         LossOptions(temperature=0)

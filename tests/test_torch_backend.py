@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import matta
+from matta.training import learning_rate_scale
 from matta import MLP, MatTA, Transformer, reference
 from spec_tests.assertions import assert_bitwise_equal, assert_close
 
@@ -114,6 +115,31 @@ def test_optimizer_choices():
         assert not np.array_equal(before, model.weights["layers.0.kernel"]), optimizer
     with pytest.raises(matta.OptionError, match="optimizer must be None"):
         MatTA(MLP_SPEC, backend="torch", optimizer="adamw").fit(x, y, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 0), ("cosine", 3), ("constant", 4)])
+def test_learning_rate_schedule_sets_every_step_rate_and_restores_it(schedule, warmup):
+    """Rule T6: each update runs at learning_rate x learning_rate_scale(step); the optimizer's rate is put back."""
+    x, y = _data(MLP_SPEC, 64)
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    model = MatTA(MLP_SPEC, backend="torch", learning_rate=0.05, learning_rate_schedule=schedule,
+                  warmup_steps=warmup, optimizer=Recording)
+    for _ in range(2):  # every fit() runs its own schedule
+        seen.clear()
+        model.fit(x, y, steps=9, batch_size=16, progress=False)
+        expected = [0.05 * learning_rate_scale(schedule, warmup, t, 9) for t in range(9)]
+        assert [rates[0] for rates in seen] == pytest.approx(expected, rel=1e-12), seen
+        assert model.model._matta_optimizer[1].param_groups[0]["lr"] == 0.05
+    with pytest.raises(matta.OptionError, match="learning_rate_schedule must be 'constant' or 'cosine'"):
+        MatTA(MLP_SPEC, backend="torch", learning_rate_schedule="linear")
+    with pytest.raises(matta.OptionError, match="warmup_steps must be an integer >= 0"):
+        MatTA(MLP_SPEC, backend="torch", warmup_steps=-1)
 
 
 def test_weights_round_trip_and_from_weights():

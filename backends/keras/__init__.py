@@ -31,6 +31,7 @@ from matta.nesting import Granularity
 from matta.specs import MLP, Spec
 from matta.training import TrainingRun
 from matta.backends.keras import engine
+from matta.backends.keras.learning_rate import RunLearningRate
 from matta.backends.keras.models import NestedModel, assign, plain_model, plain_variables
 from matta.backends.keras.training import OPS, KerasOps, Trainer, fit, make_optimizer
 
@@ -117,6 +118,11 @@ class KerasBackend:
     def fit(self, model: NestedModel, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
             weight_decay: float = 0.0, **kwargs: Any) -> None:
         """Trains with ``keras.Model.fit``; ``kwargs`` may hold ``callbacks``, ``verbose``, ``run_eagerly``, ``jit_compile``."""
+        if run.schedules_learning_rate and optimizer is not None:
+            raise OptionError(
+                "learning_rate_schedule / warmup_steps need the default optimizer on Keras (optimizer=None); "
+                "give your own Keras optimizer a keras.optimizers.schedules.LearningRateSchedule instead"
+            )
         cached = _TRAINERS.get(model)
         if cached is not None and cached[0] is optimizer:
             trainer, opt = cached[1], cached[2]
@@ -124,6 +130,9 @@ class KerasBackend:
             opt = make_optimizer(optimizer, learning_rate, weight_decay)
             trainer = Trainer(model)
             _TRAINERS[model] = (optimizer, trainer, opt)
+        if run.schedules_learning_rate:
+            # Rule T6 on the optimizer's own step counter; this run's steps start at its current value.
+            opt.learning_rate = RunLearningRate(learning_rate, run, start=int(ops.convert_to_numpy(opt.iterations)))
         fit(trainer, run, opt, integer_inputs=not isinstance(model.spec, MLP), **kwargs)
 
     # -------------------------------------------------------------- plain models

@@ -101,8 +101,9 @@ class NumpyBackend:
             loss, grads = self.loss_and_gradients(model, batch.x, batch.targets, batch.plan, run.options)
             run.record(batch.step, loss, None, batch.plan.distill)
             run.check_gradients(batch.step, all(np.all(np.isfinite(g)) for g in grads.values()))
+            rate = learning_rate * run.learning_rate_scale(batch.step)  # rule T6
             for k, g in grads.items():
-                model.weights[k] -= learning_rate * (g + weight_decay * model.weights[k])
+                model.weights[k] -= rate * (g + weight_decay * model.weights[k])
 
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> NumpyModel:
         _cpu_only(device)

@@ -181,9 +181,15 @@ class TorchBackend:
         if kwargs:
             raise OptionError(f"unknown fit option(s) for the torch backend: {sorted(kwargs)}")
         opt = self._optimizer(model, optimizer, learning_rate, weight_decay)
+        # Rule T6 scales every parameter group's own rate; the rates are put back after the run.
+        base_rates = [group["lr"] for group in opt.param_groups]
         model.train()
         try:
             for batch in run.batches():
+                if run.schedules_learning_rate:
+                    scale = run.learning_rate_scale(batch.step)
+                    for group, rate in zip(opt.param_groups, base_rates):
+                        group["lr"] = rate * scale
                 x = self._input(model, batch.x)
                 loss, parts = self._loss(model, x, self._targets(model, batch.targets), batch.plan, run.options)
                 # Rule T4: check before the update, so a NaN leaves the last good weights.
@@ -195,6 +201,8 @@ class TorchBackend:
                 run.check_gradients(batch.step, bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
                 opt.step()
         finally:
+            for group, rate in zip(opt.param_groups, base_rates):
+                group["lr"] = rate
             model.eval()
 
     # -------------------------------------------------------------- plain models
