@@ -145,7 +145,8 @@ def run_task(
     add("Teacher", "teacher", None, evaluate_extracted(teacher, ds, cfg.latency_repeats))
     ta_spec = spec_of(cfg, "ta")
     chain = mixnmatch_chain(ta_spec, cfg.students)
-    common = dict(backend=backend, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, **cfg.loss)
+    common = dict(backend=backend, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                  learning_rate_schedule=cfg.learning_rate_schedule, **cfg.loss)
     fit = dict(steps=cfg.steps, batch_size=cfg.batch_size, progress=progress)
     for seed in seeds:
         # Digits: the Teacher's logits on the whole training set, computed once. Text: a callable
