@@ -322,7 +322,13 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     if not run_eagerly and static is None:
         raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
     trainer.run_info, trainer.static_terms = run, static
-    trainer.compile(optimizer=optimizer, run_eagerly=run_eagerly, jit_compile=kwargs.get("jit_compile", "auto"))
+    # compile() drops Keras' compiled train function. The trace depends only on the step's terms, the
+    # loss options and these flags, so a later fit() with the same ones reuses it instead of tracing
+    # (and, under XLA, compiling) the step again.
+    key = (static, run.options, run_eagerly, kwargs.get("jit_compile", "auto"), id(optimizer))
+    if getattr(trainer, "_matta_compiled", None) != key:
+        trainer.compile(optimizer=optimizer, run_eagerly=run_eagerly, jit_compile=kwargs.get("jit_compile", "auto"))
+        object.__setattr__(trainer, "_matta_compiled", key)  # untracked by Keras
     if not optimizer.built:
         optimizer.build(trainer.trainable_variables)
     recorder = _Recorder(run)
