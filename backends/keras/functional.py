@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from keras import ops
+from keras.backend import standardize_dtype
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 
@@ -51,9 +52,14 @@ def activation(name: str, x):
     if name == "relu":
         return ops.relu(x)
     if name == "gelu":
-        # Written out rather than ops.gelu(approximate=True): TensorFlow's kernel uses float32
-        # constants (about 1e-9 error in float64). Same formula as matta.reference.activation.
-        return 0.5 * x * (1.0 + ops.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
+        if standardize_dtype(x.dtype) == "float64":
+            # Written out: TensorFlow's gelu rounds its constants to float32 (about 1e-9 error in
+            # float64; float64 runs only on TensorFlow). Same formula as matta.reference.activation.
+            return 0.5 * x * (1.0 + ops.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
+        # One op: a fused kernel on torch, one jitted function on JAX, and one node (not seven) in
+        # the extracted graph, which an eager functional call pays per node. The nested forward
+        # calls this same function, so the two forms still run the same kernels.
+        return ops.gelu(x, approximate=True)
     if name == "tanh":
         return ops.tanh(x)
     if name == "sigmoid":
