@@ -68,7 +68,7 @@ def test_nested_forward_matches_the_reference(backend, dtype, data, spec, seed, 
     expected = reference.forward(spec, weights, x, g)
     actual = backend.forward(model, x, g)
     assert actual.dtype == np.dtype(dtype), f"output dtype {actual.dtype} ({context(backend, spec, g)})"
-    assert_close(actual, expected, dtype, context(backend, spec, g, dtype=dtype))
+    assert_close(actual, expected, dtype, context(backend, spec, g, dtype=dtype), spec)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

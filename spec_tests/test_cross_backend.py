@@ -28,7 +28,7 @@ def test_weights_move_to_and_from_torch_with_equal_outputs(backend, data, spec, 
     where = context(backend, spec, g)
     torch_model = torch_backend.build(spec, weights, device="cpu")
     model = backend.build(spec, torch_backend.get_weights(torch_model), device="cpu")
-    assert_close(backend.forward(model, x, g), torch_backend.forward(torch_model, x, g), "float32", where)
+    assert_close(backend.forward(model, x, g), torch_backend.forward(torch_model, x, g), "float32", where, spec)
     back = torch_backend.build(spec, backend.get_weights(model), device="cpu")
     assert_weights_equal(torch_backend.get_weights(back), weights, where)
 
