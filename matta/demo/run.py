@@ -39,8 +39,8 @@ def limit_threads(n: int, backend: str) -> None:
         set_num_threads(n)
 
 
-def _levels(spec, students: dict[str, float]) -> list[dict[str, list[int]]]:
-    """Per-layer sizes of every nested dimension at each Student and at the TA, smallest first."""
+def _levels(spec, students: dict[str, float]) -> list[dict[str, Any]]:
+    """Sizes of every nested dimension at each Student and at the TA, smallest first (lists are per layer)."""
     from matta import resolve
     from matta.nesting import full
 
@@ -48,35 +48,44 @@ def _levels(spec, students: dict[str, float]) -> list[dict[str, list[int]]]:
     out = []
     for g in [resolve(spec, students[n]) for n in names] + [full(spec)]:
         d = g.to_dict(spec)
-        out.append({k: v for k, v in d.items() if k in ("hidden", "d_ff", "n_heads")})
+        out.append({k: v for k, v in d.items() if k in ("hidden", "d_model", "d_ff", "n_heads")})
     return out
 
 
-def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[str, list[int]]]]:
+def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[str, Any]]]:
     """Mix'n'Match granularities on a nested staircase from the smallest Student to the TA.
 
-    Starting from the smallest Student, layers are widened one at a time to the
-    next trained size (Student -> larger Student -> TA), so every model is a
-    per-layer mix of trained widths and contains the previous one. The models
-    equal to a Student or the TA are left out (they are reported under their
-    own names).
+    Starting from the smallest Student, one group at a time is widened to the
+    next trained size (Student -> larger Student -> TA): ``d_model`` first when
+    it is nested (it is shared by every layer), then each layer in order. So
+    every model is a mix of trained sizes, the groups rule T5 draws, and
+    contains the previous one. Models equal to a Student or the TA are left out
+    (they are reported under their own names).
 
     Returns:
         ``[(label, granularity dict), ...]`` in order of growing size.
     """
     levels = _levels(spec, students)
-    n = len(next(iter(levels[0].values())))
-    state = [0] * n
+    per_layer = [k for k in levels[0] if isinstance(levels[0][k], list)]
+    shared = [k for k in levels[0] if not isinstance(levels[0][k], list)]
+    n = len(levels[0][per_layer[0]])
+    # Groups that change between levels: a shared dimension (d_model) or one layer's sizes.
+    groups = [k for k in shared if any(level[k] != levels[0][k] for level in levels)] + list(range(n))
+    state = {group: 0 for group in groups}
     chain = []
+    short = {"hidden": "h", "d_model": "d", "d_ff": "ff", "n_heads": "heads"}
     for level in range(1, len(levels)):
-        for i in range(n):
-            state[i] = level
-            if all(s == level for s in state):
+        for group in groups:
+            state[group] = level
+            if all(v == level for v in state.values()):
                 continue  # that is the Student / TA itself
-            g = {k: [levels[state[j]][k][j] for j in range(n)] for k in levels[0]}
-            # e.g. "mix h[32,16,16]" (MLP hidden widths) or "mix ff[128,64] heads[2,1]" (Transformer)
-            short = {"hidden": "h", "d_ff": "ff", "n_heads": "heads"}
-            label = "mix " + " ".join(f"{short[k]}[{','.join(map(str, v))}]" for k, v in sorted(g.items()))
+            g: dict[str, Any] = {k: levels[state.get(k, 0)][k] for k in shared}
+            g.update({k: [levels[state[j]][k][j] for j in range(n)] for k in per_layer})
+            # e.g. "mix h[32,16,16]" (MLP hidden widths) or "mix d32 ff[128,64] heads[2,1]" (Transformer)
+            label = "mix " + " ".join(
+                f"{short[k]}{g[k]}" if k in shared else f"{short[k]}[{','.join(map(str, g[k]))}]"
+                for k in ("d_model", "hidden", "d_ff", "n_heads") if k in g and (k not in shared or k in groups)
+            )
             chain.append((label, g))
     return chain
 
