@@ -74,7 +74,7 @@ class NestedModel(keras.Model):
             last = spec.num_layers - 1
             for i in range(spec.num_layers):
                 a, b = widths[i], widths[i + 1]
-                h = F.dense(h, w[f"layers.{i}.kernel"][:a, :b], w[f"layers.{i}.bias"][:b])
+                h = F.dense(h, _prefix(w[f"layers.{i}.kernel"], a, b), _prefix(w[f"layers.{i}.bias"], b))
                 if i < last:
                     h = F.activation(spec.activation, h)
             return h  # (batch, d_out)
@@ -82,27 +82,41 @@ class NestedModel(keras.Model):
         assert isinstance(spec, Transformer)
         d, d_head, eps = s["d_model"], spec.d_head, spec.layer_norm_epsilon
         t = ops.shape(x)[1]
-        h = F.embedding(w["embed.tokens"][:, :d], x, dtype) + F.embedding(
-            w["embed.positions"][:t, :d], F.positions(x), dtype
+        h = F.embedding(_prefix(w["embed.tokens"], None, d), x, dtype) + F.embedding(
+            _prefix(w["embed.positions"], t, d), F.positions(x), dtype
         )
-        norm = lambda p, v: F.layer_norm(v, w[f"{p}.scale"][:d], w[f"{p}.offset"][:d], eps, dtype)  # noqa: E731
+        norm = lambda p, v: F.layer_norm(v, _prefix(w[f"{p}.scale"], d), _prefix(w[f"{p}.offset"], d), eps, dtype)  # noqa: E731
         for i in granularity.blocks:  # rule D1: kept blocks, in order
             p = f"blocks.{i}"
             heads, ff = s[f"{p}.n_heads"], s[f"{p}.d_ff"]
             inner = heads * d_head  # rule G4: whole heads
             a = norm(f"{p}.norm1", h)
             q, k, v = (
-                _split_heads(F.dense(a, w[f"{p}.attention.{n}.kernel"][:d, :inner], w[f"{p}.attention.{n}.bias"][:inner]),
+                _split_heads(F.dense(a, _prefix(w[f"{p}.attention.{n}.kernel"], d, inner), _prefix(w[f"{p}.attention.{n}.bias"], inner)),
                              heads, d_head)
                 for n in ("query", "key", "value")
             )
             y = _merge_heads(F.attention(q, k, v), inner)
-            h = h + F.dense(y, w[f"{p}.attention.output.kernel"][:inner, :d], w[f"{p}.attention.output.bias"][:d])
+            h = h + F.dense(y, _prefix(w[f"{p}.attention.output.kernel"], inner, d), _prefix(w[f"{p}.attention.output.bias"], d))
             a = norm(f"{p}.norm2", h)
-            a = F.activation("gelu", F.dense(a, w[f"{p}.ffn.up.kernel"][:d, :ff], w[f"{p}.ffn.up.bias"][:ff]))
-            h = h + F.dense(a, w[f"{p}.ffn.down.kernel"][:ff, :d], w[f"{p}.ffn.down.bias"][:d])
+            a = F.activation("gelu", F.dense(a, _prefix(w[f"{p}.ffn.up.kernel"], d, ff), _prefix(w[f"{p}.ffn.up.bias"], ff)))
+            h = h + F.dense(a, _prefix(w[f"{p}.ffn.down.kernel"], ff, d), _prefix(w[f"{p}.ffn.down.bias"], d))
         h = norm("final_norm", h)
-        return F.dense(h, w["head.kernel"][:d, :])  # (B, T, vocab): outputs never sliced (rule S4)
+        return F.dense(h, _prefix(w["head.kernel"], d, None))  # (B, T, vocab): outputs never sliced (rule S4)
+
+
+def _prefix(variable, *sizes):
+    """``variable[:sizes[0], :sizes[1], ...]`` (``None`` keeps an axis whole), the variable itself when whole.
+
+    The TA's own term reads every weight whole; skipping the no-op slice spares a copy of the
+    kernel in the forward pass and a scatter of its gradient in the backward pass. Values are
+    the same either way, so the extracted model still equals the nested one bit for bit.
+    """
+    shape = tuple(variable.shape)
+    # A traced size (a tensor, e.g. the sequence length) is never taken as whole.
+    if all(n is None or (isinstance(n, int) and n == shape[i]) for i, n in enumerate(sizes)):
+        return variable
+    return variable[tuple(slice(None) if n is None else slice(0, n) for n in sizes)]
 
 
 def _split_heads(x, heads: int, d_head: int):
