@@ -7,6 +7,7 @@ argument never surfaces as a shape error deep inside PyTorch or Keras.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Iterable
 
 __all__ = [
@@ -80,3 +81,10 @@ def choice(field: str, value: Any, allowed: Iterable[Any], error: type[MattaErro
     if not isinstance(value, str) and any(value is a or (type(value) is type(a) and value == a) for a in allowed):
         return value
     raise error(f"{field} must be {describe(allowed)}; got {value!r}")
+
+
+def integer(field: str, value: Any, low: int, error: type[MattaError] = OptionError) -> int:
+    """Returns ``value`` if it is an integer (numpy's too, never a bool) ``>= low``, else raises ``error`` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise error(f"{field} must be an integer >= {low}; got {value!r}")
+    return value

@@ -21,7 +21,7 @@ from typing import Any, Generic, Mapping, Optional, Protocol, TypeVar
 
 import numpy as np
 
-from matta.errors import OptionError, choice
+from matta.errors import OptionError, choice, integer
 from matta.nesting import Granularity, check_chain, full, num_params, sample_between, sample_mixnmatch
 from matta.specs import Spec
 
@@ -104,13 +104,13 @@ class LossOptions:
         _number("temperature", self.temperature, 0.0, math.inf, open_low=True)
         _number("distill_weight", self.distill_weight, 0.0, 1.0)
         choice("ramp", self.ramp, ("constant", "linear", "cosine"))
-        _integer("ramp_start", self.ramp_start, 0)
+        integer("ramp_start", self.ramp_start, 0)
         if self.ramp_end is not None:
-            _integer("ramp_end", self.ramp_end, 0)
+            integer("ramp_end", self.ramp_end, 0)
             if self.ramp_end < self.ramp_start:
                 raise OptionError(f"ramp_end must be >= ramp_start={self.ramp_start}; got {self.ramp_end}")
         choice("sampling", self.sampling, ("all", "sandwich", "one", "mixnmatch"))
-        _integer("num_random", self.num_random, 0)
+        integer("num_random", self.num_random, 0)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -129,11 +129,6 @@ def _number(name: str, value: Any, low: float, high: float, open_low: bool = Fal
         raise OptionError(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}]; got {value!r}")
     if value < low or value > high or (open_low and value == low):
         raise OptionError(f"{name} must be a number in {'(' if open_low else '['}{low}, {high}]; got {value}")
-
-
-def _integer(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise OptionError(f"{name} must be an integer >= {low}; got {value!r}")
 
 
 def ramp(options: LossOptions, step: int, total_steps: int) -> float:

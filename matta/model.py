@@ -9,7 +9,7 @@ import numpy as np
 
 from matta import saving
 from matta.backend import Backend, get_backend
-from matta.errors import GranularityError, InputError, InputTypeError, OptionError, choice, describe
+from matta.errors import GranularityError, InputError, InputTypeError, OptionError, choice, describe, integer
 from matta.extraction import extract
 from matta.inputs import check_same_length, check_teacher_output, check_x, check_y
 from matta.losses import TA, LossOptions, NumpyOps, Schedule
@@ -70,8 +70,7 @@ class MatTA:
         **loss_options: Any,
     ):
         self.spec = check_spec(spec)
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise OptionError(f"seed must be an integer >= 0; got {seed!r}")
+        integer("seed", seed, 0)
         self.seed = int(seed)
         self.dtype = check_dtype(dtype)
         unknown = sorted(set(loss_options) - set(LossOptions.names()))
@@ -93,8 +92,7 @@ class MatTA:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise OptionError(f"{name} must be a number >= 0; got {value!r}")
         choice("learning_rate_schedule", learning_rate_schedule, LEARNING_RATE_SCHEDULES)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
-            raise OptionError(f"warmup_steps must be an integer >= 0; got {warmup_steps!r}")
+        integer("warmup_steps", warmup_steps, 0)
         self.learning_rate_schedule = learning_rate_schedule
         self.warmup_steps = int(warmup_steps)
         self.optimizer = optimizer
@@ -197,14 +195,13 @@ class MatTA:
             teacher = check_teacher_output(self.spec, teacher, self.options.teacher_output, n, time)
         if teacher is not None and self.options.task == "regression":
             raise OptionError("teacher is for classification; for regression pass the Teacher's predictions as y")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise OptionError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        integer("batch_size", batch_size, 1)
         steps_per_epoch = math.ceil(n / batch_size)
         if steps is not None and epochs is not None:
             raise OptionError("give steps or epochs, not both")
         for name, value in (("steps", steps), ("epochs", epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
-                raise OptionError(f"{name} must be an integer >= 1; got {value!r}")
+            if value is not None:
+                integer(name, value, 1)
         total = int(steps) if steps is not None else int(epochs or 1) * steps_per_epoch
         on_epoch_end = None
         if validation_data is not None:
