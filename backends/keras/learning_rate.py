@@ -1,16 +1,16 @@
 """Rule T6 on Keras: the learning-rate schedule of one ``fit()`` run as a Keras ``LearningRateSchedule``.
 
 Keras optimizers read their rate from a schedule called with the optimizer's
-own step counter inside the compiled train step, on every engine. The schedule
-below computes :func:`matta.training.learning_rate_scale` with ``keras.ops``, so
-a Keras run follows the same rates as a torch run step for step.
+own step counter inside the compiled train step, on every engine. The rates
+come from :func:`matta.training.learning_rate_scale` itself (one table per
+run, looked up by step), so a Keras run follows the same rates as a torch run
+step for step and the formula lives in one place.
 """
 
 from __future__ import annotations
 
-import math
-
 import keras
+import numpy as np
 from keras import ops
 
 from matta.training import TrainingRun
@@ -19,7 +19,7 @@ __all__ = ["RunLearningRate"]
 
 
 class RunLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """``base · learning_rate_scale(step)`` with ``step = iterations − start`` (rule T6).
+    """``base · run.learning_rate_scale(step)`` with ``step = iterations − start`` (rule T6).
 
     Args:
         base: the learning rate the schedule scales.
@@ -28,22 +28,13 @@ class RunLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, base: float, run: TrainingRun, start: int):
-        self.base = float(base)
-        self.schedule = run.learning_rate_schedule
-        self.warmup_steps = int(run.warmup_steps)
-        self.total_steps = int(run.steps)
         self.start = int(start)
+        # (steps,): one rate per step of this run.
+        self.rates = np.array([base * run.learning_rate_scale(t) for t in range(run.steps)], dtype="float32")
 
     def __call__(self, iterations):
-        step = ops.cast(iterations, "float32") - float(self.start)
-        warm = (step + 1.0) / float(max(self.warmup_steps, 1))
-        if self.schedule == "constant":
-            after = ops.ones_like(step)
-        else:
-            u = (step - self.warmup_steps) / float(max(1, self.total_steps - self.warmup_steps))
-            after = 0.5 * (1.0 + ops.cos(math.pi * u))
-        return self.base * ops.where(step < float(self.warmup_steps), warm, after)
+        step = ops.clip(ops.cast(iterations, "int32") - self.start, 0, len(self.rates) - 1)
+        return ops.take(ops.convert_to_tensor(self.rates), step)
 
     def get_config(self) -> dict:
-        return {"base": self.base, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "start": self.start}
+        return {"start": self.start, "rates": self.rates.tolist()}

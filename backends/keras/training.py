@@ -331,16 +331,15 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     # compile() drops Keras' compiled train function. The trace depends only on the step's terms, the
     # loss options and these flags, so a later fit() with the same ones reuses it instead of tracing
     # (and, under XLA, compiling) the step again.
-    # A rule T6 schedule is a new object per fit() (its start step is baked into the trace), so it enters
-    # the key by id, and the trainer holds it so that id is not reused: a scheduled run retraces, a
-    # constant-rate one reuses the trace.
+    # A rule T6 schedule is a new object per fit() whose rates are baked into the trace; the key holds
+    # the object itself (compared by identity), so a scheduled run retraces and a constant-rate one
+    # reuses the trace.
     rate = optimizer._learning_rate
     key = (static, run.options, run_eagerly, kwargs.get("jit_compile", "auto"), id(optimizer),
-           id(rate) if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) else None)
+           rate if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) else None)
     if getattr(trainer, "_matta_compiled", None) != key:
         trainer.compile(optimizer=optimizer, run_eagerly=run_eagerly, jit_compile=kwargs.get("jit_compile", "auto"))
         object.__setattr__(trainer, "_matta_compiled", key)  # untracked by Keras
-        object.__setattr__(trainer, "_matta_rate", rate)
     if not optimizer.built:
         optimizer.build(trainer.trainable_variables)
     recorder = _Recorder(run)
