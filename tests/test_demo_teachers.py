@@ -44,11 +44,23 @@ def test_the_teacher_is_reproducible_without_a_cache(smoke):
     np.testing.assert_array_equal(a.predict(ds.x_test), b.predict(ds.x_test))
 
 
+def test_the_teacher_trains_with_its_recipes_learning_rate_schedule(smoke):
+    cfg, ds = smoke
+    constant, _ = get_teacher(cfg, ds, "torch", None, progress=False, log=lambda m: None)
+    cosine_cfg = dataclasses.replace(cfg, teacher_learning_rate_schedule="cosine", teacher_warmup_steps=5)
+    cosine, _ = get_teacher(cosine_cfg, ds, "torch", None, progress=False, log=lambda m: None)
+    # Same seed, data and steps: only the per-step learning rates differ, so the weights must differ.
+    differs = [not np.array_equal(constant.weights[k], cosine.weights[k]) for k in constant.weights]
+    assert all(differs), [k for k, d in zip(constant.weights, differs) if not d]
+
+
 def test_cache_key_changes_with_recipe_data_backend_and_seed(smoke):
     cfg, ds = smoke
     key = teacher_key(cfg, ds, "torch")
     assert teacher_key(cfg, ds, "torch") == key
     assert teacher_key(dataclasses.replace(cfg, teacher_steps=cfg.teacher_steps + 1), ds, "torch") != key
+    assert teacher_key(dataclasses.replace(cfg, teacher_learning_rate_schedule="cosine"), ds, "torch") != key
+    assert teacher_key(dataclasses.replace(cfg, teacher_warmup_steps=cfg.teacher_warmup_steps + 1), ds, "torch") != key
     assert teacher_key(cfg, data.digits(limit=200), "torch") != key
     assert teacher_key(cfg, ds, "keras") != key
     assert teacher_key(cfg, ds, "torch", seed=1) != key

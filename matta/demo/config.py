@@ -27,6 +27,8 @@ class TaskConfig:
         teacher: keyword arguments of the Teacher's spec (``MLP`` or ``Transformer``).
         teacher_steps: optimizer steps of the Teacher (trained alone on the true labels).
         teacher_learning_rate: its AdamW learning rate.
+        teacher_learning_rate_schedule: its rule T6 schedule (``"constant"`` or ``"cosine"``).
+        teacher_warmup_steps: its rule T6 warm-up steps.
         ta: keyword arguments of the TA's spec; Students are prefix slices of it.
         students: Student name -> fraction of every nested dimension.
         steps: optimizer steps of every MatTA run and every baseline.
@@ -52,6 +54,8 @@ class TaskConfig:
     weight_decay: float = 0.0
     learning_rate_schedule: str = "constant"
     teacher_weight_decay: float = 0.0
+    teacher_learning_rate_schedule: str = "constant"
+    teacher_warmup_steps: int = 0
     loss: dict[str, Any] = field(default_factory=dict)
     latency_repeats: int = 50
     export_native: bool = True

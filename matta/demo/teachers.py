@@ -57,6 +57,8 @@ def teacher_key(cfg: TaskConfig, data: Dataset, backend: str, seed: int = 0) -> 
         "batch_size": cfg.batch_size,
         "learning_rate": cfg.teacher_learning_rate,
         "weight_decay": cfg.teacher_weight_decay,
+        "learning_rate_schedule": cfg.teacher_learning_rate_schedule,
+        "warmup_steps": cfg.teacher_warmup_steps,
         "data": fingerprint(data.x_train, data.y_train),
         "backend": backend,
         "seed": seed,
@@ -99,6 +101,7 @@ def get_teacher(
     model = MatTA(
         spec_of(cfg, "teacher"), students={}, backend=backend, seed=seed,
         learning_rate=cfg.teacher_learning_rate, weight_decay=cfg.teacher_weight_decay,
+        learning_rate_schedule=cfg.teacher_learning_rate_schedule, warmup_steps=cfg.teacher_warmup_steps,
     )
     model.fit(data.x_train, data.y_train, steps=cfg.teacher_steps, batch_size=cfg.batch_size, progress=progress)
     teacher = model.extract()
