@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the conformance suite: specs, granularities, weights and inputs.
+"""Hypothesis strategies for the conformance suite: specs, granularities, weights, inputs and step plans.
 
 Sizes are kept tiny but cover the edges the rules care about: width 1, one
 head, one layer, odd sizes, ``multiple_of`` rounding, per-layer Mix'n'Match and
@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from matta.nesting import Granularity, resolve
+from matta.losses import StepPlan, Term
+from matta.nesting import Granularity, full, resolve
 from matta.specs import ACTIVATIONS, MLP, Spec, Transformer
 from matta.weights import initial_weights
 
@@ -26,6 +27,8 @@ __all__ = [
     "nested_pairs",
     "weights_for",
     "inputs_for",
+    "SHARED_STEPS",
+    "step_plan",
 ]
 
 fractions = st.floats(min_value=0.01, max_value=1.0, allow_nan=False)
@@ -138,3 +141,19 @@ def inputs_for(spec: Spec, seed: int, batch: int) -> np.ndarray:
         return rng.standard_normal((batch, spec.d_in))
     time = int(rng.integers(1, spec.max_len + 1))
     return rng.integers(0, spec.vocab_size, size=(batch, time))
+
+
+#: Term lists of a step that exercise a backend's shared first layer (the MLP's first hidden layer
+#: computed once at the widest term's width): with the TA, without it (the widest term is a
+#: Student), and out of size order with a Mix'n'Match granularity widest in the middle.
+SHARED_STEPS = {"ta-m-s": ("TA", "M", "S"), "m-s": ("M", "S"), "s-mix-m": ("S", "mix", "M")}
+
+
+def step_plan(spec: Spec, names: tuple[str, ...], mix: Any) -> StepPlan:
+    """A step over named granularities: ``TA``, ``S`` (0.25), ``M`` (0.5) and ``mix`` (the form ``mix``).
+
+    The first term is every other term's parent; weights fall by a quarter per term; λ = 0.4.
+    """
+    known = {"TA": full(spec), "S": resolve(spec, 0.25), "M": resolve(spec, 0.5), "mix": resolve(spec, mix)}
+    terms = tuple(Term(n, known[n], 1.0 - i / 4, None if i == 0 else names[0]) for i, n in enumerate(names))
+    return StepPlan(0, terms, 0.4)

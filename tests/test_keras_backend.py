@@ -18,10 +18,12 @@ import keras  # a missing keras is an error, never a skip
 
 import matta
 from matta import MLP, MatTA, Transformer, reference
-from matta.losses import LossOptions, StepPlan, Targets, Term
+from matta.losses import LossOptions, StepPlan, Targets, Term, composite_loss
 from matta.nesting import full, resolve
 from matta.backends.keras import engine
+from matta.backends.keras.training import OPS
 from spec_tests.assertions import assert_bitwise_equal, assert_close
+from spec_tests.strategies import SHARED_STEPS, step_plan
 
 ENGINE = keras.backend.backend()
 MLP_SPEC = MLP(d_in=24, hidden=[64, 48], d_out=7, activation="gelu", multiple_of=8)
@@ -194,6 +196,35 @@ def test_loss_and_gradients_equal_the_torch_backend(spec):
     for k in grads_t:
         scale = max(1e-3, float(np.abs(grads_t[k]).max()))
         assert float(np.abs(grads_k[k] - grads_t[k]).max()) <= tol * 10 * scale, k
+
+
+@pytest.mark.parametrize("names", SHARED_STEPS.values(), ids=SHARED_STEPS.keys())
+def test_the_shared_first_layer_equals_one_run_per_granularity(names):
+    """``run_many`` (the MLP's first layer once, at the widest term's width) gives every term's
+    output, and the training loss and gradients, of one ``run`` per granularity."""
+    spec = MLP_SPEC
+    plan, options = step_plan(spec, names, {"hidden": [0.75, 5]}), LossOptions(temperature=2.0)
+    backend = matta.backend.get_backend("keras")
+    model = backend.build(spec, matta.weights.initial_weights(spec, 4, "float32"), device="cpu")
+    x, y = _data(spec, 32)
+    xt = keras.ops.convert_to_tensor(x)
+    for t, out in zip(plan.terms, model.run_many(xt, [t.granularity for t in plan.terms])):
+        alone = model.run(xt, t.granularity)
+        assert_close(keras.ops.convert_to_numpy(out), keras.ops.convert_to_numpy(alone), "float32", f"output {t.name} of {names}")
+
+    # The step (backend.loss_and_gradients runs the training step's loss) against the same loss over one run per term.
+    loss, grads = backend.loss_and_gradients(model, x, Targets(hard=y), plan, options)
+    hard = keras.ops.convert_to_tensor(y.astype("int32"))
+
+    def one_run_per_term():
+        outputs = {t.name: model.run(xt, t.granularity) for t in plan.terms}
+        return composite_loss(OPS, outputs, Targets(hard=hard), plan, options)[0], None
+
+    params = model.param_names
+    expected, _, expected_grads = engine.value_and_grad([model.params[p] for p in params], one_run_per_term)
+    assert loss == pytest.approx(float(keras.ops.convert_to_numpy(expected)), rel=1e-5)
+    for p, g in zip(params, expected_grads):
+        assert_close(grads[p], np.asarray(keras.ops.convert_to_numpy(g)), "float32", f"gradient {p} of {names}")
 
 
 def test_a_nan_loss_stops_training_with_the_last_good_weights():

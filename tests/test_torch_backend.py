@@ -15,7 +15,13 @@ import torch
 import matta
 from matta.training import learning_rate_scale
 from matta import MLP, MatTA, Transformer, reference
+from matta.backend import get_backend
+from matta.backends.torch import OPS
+from matta.backends.torch.modules import torch_name
+from matta.losses import LossOptions, Targets, composite_loss
+from matta.weights import initial_weights
 from spec_tests.assertions import assert_bitwise_equal, assert_close
+from spec_tests.strategies import SHARED_STEPS, step_plan
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MLP_SPEC = MLP(d_in=64, hidden=[256, 192], d_out=10, activation="gelu", multiple_of=8)
@@ -223,3 +229,33 @@ def test_regression_task_trains_with_mse():
     after = model.evaluate(x, y)
     assert set(after["TA"]) == {"mse", "mae"}
     assert after["TA"]["mse"] < 0.3 * before["TA"]["mse"] and after["S"]["mse"] < 0.5 * before["S"]["mse"], (before, after)
+
+
+@pytest.mark.parametrize("names", SHARED_STEPS.values(), ids=SHARED_STEPS.keys())
+def test_the_shared_first_layer_equals_one_forward_per_granularity(names):
+    """``forward_many`` (the MLP's first layer once, at the widest term's width) gives every term's
+    output, and the training loss and gradients, of one ``forward`` per granularity."""
+    spec = MLP_SPEC
+    plan, options = step_plan(spec, names, {"hidden": [0.75, 24]}), LossOptions(temperature=2.0)
+    backend = get_backend("torch")
+    model = backend.build(spec, initial_weights(spec, 4, "float32"), device="cpu")
+    x, y = _data(spec, 32)
+    xt = torch.as_tensor(x)
+    with torch.no_grad():
+        for t, out in zip(plan.terms, model.forward_many(xt, [t.granularity for t in plan.terms])):
+            assert_close(out.numpy(), model(xt, t.granularity).numpy(), "float32", f"output {t.name} of {names}")
+
+    # The step (backend.loss_and_gradients runs forward_many) against the same loss over one forward per term.
+    loss, grads = backend.loss_and_gradients(model, x, Targets(hard=y), plan, options)
+    model.zero_grad(set_to_none=True)
+    expected, _ = composite_loss(OPS, {t.name: model(xt, t.granularity) for t in plan.terms},
+                                 Targets(hard=torch.as_tensor(y)), plan, options)
+    expected.backward()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    params = dict(model.named_parameters())
+    for name in spec.parameters():
+        key, transposed = torch_name(name)
+        g = params[key].grad
+        assert g is not None, name  # every weight has a prefix some term reads
+        assert_close(grads[name], (g.T if transposed else g).numpy(), "float32", f"gradient {name} of {names}")
+    model.zero_grad(set_to_none=True)

@@ -26,14 +26,14 @@ import numpy as np
 from keras import ops
 
 from matta.errors import OptionError
-from matta.losses import LossOptions, StepPlan, Targets, composite_loss
+from matta.losses import LossOptions, StepPlan, Targets
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
 from matta.training import TrainingRun
 from matta.backends.keras import engine
 from matta.backends.keras.learning_rate import RunLearningRate
 from matta.backends.keras.models import NestedModel, assign, plain_model, plain_variables
-from matta.backends.keras.training import OPS, KerasOps, Trainer, fit, make_optimizer
+from matta.backends.keras.training import KerasOps, Trainer, fit, make_optimizer, step_loss
 
 __all__ = ["KerasBackend", "KerasOps", "backend"]
 
@@ -106,8 +106,7 @@ class KerasBackend:
         xt, tt = self._input(model.spec, dtype, x), self._targets(dtype, targets)
 
         def fn():
-            outputs = {term.name: model.run(xt, term.granularity) for term in plan.terms}
-            total, _ = composite_loss(OPS, outputs, tt, plan, options)
+            total, _ = step_loss(model, xt, tt, plan.terms, plan.distill, options)  # the training step's own loss
             return total, None
 
         names = model.param_names

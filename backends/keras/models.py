@@ -13,7 +13,7 @@ matta.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -64,21 +64,54 @@ class NestedModel(keras.Model):
             x: MLP features ``(batch, d_in)`` in the model dtype; Transformer int32 ids ``(batch, time)``.
             granularity: a resolved granularity of ``self.spec``.
         """
+        return self.run_many(x, (granularity,))[0]
+
+    def run_many(self, x, granularities: Sequence[Granularity]) -> list:
+        """The outputs at several granularities on one input, in order; what a training step calls.
+
+        Every MLP granularity reads the first layer's columns as a prefix of the same input, so
+        ``activation(x @ W0[:, :n] + b0[:n])`` at the widest ``n`` holds each one's first hidden
+        layer as a column prefix: it is computed once and sliced, and the engine's autodiff sums
+        the granularities' gradients there, so the backward pass also does one weight-gradient
+        matmul for that layer. Same math as one :meth:`run` per granularity (the activation is
+        elementwise); the float32 sums may round differently, so extraction's bit-exactness is
+        stated for :meth:`run`, which calls this with one granularity (no slice then). The
+        Transformer runs each granularity on its own: its embedding lookup, the only work all of
+        them could share, is a gather too small to matter (see ``docs/benchmarks.md``).
+
+        Args:
+            x: as for :meth:`run`.
+            granularities: resolved granularities of ``self.spec``.
+        """
+        if not isinstance(self.spec, MLP):
+            return [self._transformer(x, g) for g in granularities]
+        widths = [self._widths(g) for g in granularities]
+        widest = max(w[1] for w in widths)
+        h = self._dense(0, x, self.spec.d_in, widest)  # (batch, widest)
+        # _prefix reads h whole for the widest granularity: no slice copy, no gradient scatter.
+        return [self._dense_from(1, _prefix(h, None, w[1]), w) for w in widths]
+
+    def _widths(self, granularity: Granularity) -> list[int]:
+        s = granularity.as_dict()
+        return [self.spec.d_in, *(s[f"hidden.{i}"] for i in range(len(self.spec.hidden))), self.spec.d_out]
+
+    def _dense(self, i: int, h, d_in: int, d_out: int):
+        """MLP layer ``i`` on its ``(d_in, d_out)`` kernel prefix, then the activation unless it is the output layer."""
+        w = self.params
+        h = F.dense(h, _prefix(w[f"layers.{i}.kernel"], d_in, d_out), _prefix(w[f"layers.{i}.bias"], d_out))
+        return F.activation(self.spec.activation, h) if i < self.spec.num_layers - 1 else h
+
+    def _dense_from(self, start: int, h, widths: Sequence[int]):
+        for i in range(start, self.spec.num_layers):
+            h = self._dense(i, h, widths[i], widths[i + 1])
+        return h  # (batch, d_out)
+
+    def _transformer(self, x, granularity: Granularity):
+        """The Transformer sub-network at ``granularity``: :meth:`run`'s Transformer half."""
         w = self.params
         dtype = self.compute_dtype_name
         s = granularity.as_dict()
         spec = self.spec
-        if isinstance(spec, MLP):
-            widths = [spec.d_in, *(s[f"hidden.{i}"] for i in range(len(spec.hidden))), spec.d_out]
-            h = x
-            last = spec.num_layers - 1
-            for i in range(spec.num_layers):
-                a, b = widths[i], widths[i + 1]
-                h = F.dense(h, _prefix(w[f"layers.{i}.kernel"], a, b), _prefix(w[f"layers.{i}.bias"], b))
-                if i < last:
-                    h = F.activation(spec.activation, h)
-            return h  # (batch, d_out)
-
         assert isinstance(spec, Transformer)
         d, d_head, eps = s["d_model"], spec.d_head, spec.layer_norm_epsilon
         t = ops.shape(x)[1]
@@ -107,6 +140,8 @@ class NestedModel(keras.Model):
 
 def _prefix(variable, *sizes):
     """``variable[:sizes[0], :sizes[1], ...]`` (``None`` keeps an axis whole), the variable itself when whole.
+
+    ``variable`` may also be a tensor (the MLP's shared first hidden layer, sliced per granularity).
 
     The TA's own term reads every weight whole; skipping the no-op slice spares a copy of the
     kernel in the forward pass and a scatter of its gradient in the backward pass. Values are

@@ -10,7 +10,7 @@ is why an extracted Student equals the nested sub-network bit for bit.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,13 +86,45 @@ class NestedMLP(PlainMLP):
     def forward(self, x: torch.Tensor, granularity: Optional[Granularity] = None) -> torch.Tensor:  # type: ignore[override]
         if granularity is None:
             return super().forward(x)
+        return self.forward_many(x, (granularity,))[0]
+
+    def forward_many(self, x: torch.Tensor, granularities: Sequence[Granularity]) -> list[torch.Tensor]:
+        """The sub-networks' outputs at several granularities on one input, sharing the first layer.
+
+        Every granularity reads the first layer's rows as a prefix of the same full-width input,
+        so ``activation(x @ W0[:n].T + b0[:n])`` at the widest ``n`` holds each granularity's first
+        hidden layer as a column prefix: it is computed once and sliced, and autograd sums the
+        granularities' gradients there, so the backward pass also does one weight-gradient matmul
+        for that layer. Same math as one :meth:`forward` per granularity (the activation is
+        elementwise); the float32 sums may round differently, so extraction's bit-exactness is
+        stated for :meth:`forward`, which calls this with one granularity (no slice then).
+
+        Args:
+            x: features ``(batch, d_in)``.
+            granularities: resolved granularities of ``self.spec``.
+
+        Returns:
+            One ``(batch, d_out)`` output per granularity, in order.
+        """
+        widths = [self._widths(g) for g in granularities]
+        widest = max(w[1] for w in widths)
+        h = self._layer(0, x, self.spec.d_in, widest)  # (batch, widest)
+        # The widest term reads h whole: a no-op slice would still cost a gradient scatter.
+        return [self._layers_from(1, h if w[1] == widest else h[:, : w[1]], w) for w in widths]
+
+    def _widths(self, granularity: Granularity) -> list[int]:
         sizes = granularity.as_dict()
-        widths = [self.spec.d_in, *(sizes[f"hidden.{i}"] for i in range(len(self.spec.hidden))), self.spec.d_out]
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = F.linear(x, prefix(layer.weight, widths[i + 1], widths[i]), layer.bias[: widths[i + 1]])
-            if i < last:
-                x = activation(self.activation, x)
+        return [self.spec.d_in, *(sizes[f"hidden.{i}"] for i in range(len(self.spec.hidden))), self.spec.d_out]
+
+    def _layer(self, i: int, x: torch.Tensor, d_in: int, d_out: int) -> torch.Tensor:
+        """Layer ``i`` on its ``(d_out, d_in)`` weight prefix, then the activation unless it is the output layer."""
+        layer = self.layers[i]
+        x = F.linear(x, prefix(layer.weight, d_out, d_in), layer.bias[:d_out])
+        return activation(self.activation, x) if i < len(self.layers) - 1 else x
+
+    def _layers_from(self, start: int, x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
+        for i in range(start, len(self.layers)):
+            x = self._layer(i, x, widths[i], widths[i + 1])
         return x
 
 
@@ -204,6 +236,14 @@ class NestedTransformer(PlainTransformer):
             h = h + F.linear(a, prefix(block.ffn.down.weight, d, ff), block.ffn.down.bias[:d])
         h = norm(self.final_norm, h)
         return F.linear(h, prefix(self.head.weight, self.head.weight.shape[0], d))  # (B, T, vocab): outputs never sliced (rule S4)
+
+    def forward_many(self, x: torch.Tensor, granularities: Sequence[Granularity]) -> list[torch.Tensor]:
+        """One :meth:`forward` per granularity (the MLP's shared first layer has no counterpart worth it here).
+
+        The embedding lookup is the only work every granularity could share, and it is a
+        gather, a tiny part of a step (see ``docs/benchmarks.md``).
+        """
+        return [self.forward(x, g) for g in granularities]
 
 
 def plain_module(spec: Spec) -> nn.Module:
