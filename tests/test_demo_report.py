@@ -109,10 +109,10 @@ def test_mixnmatch_chain_is_a_nested_staircase_between_student_and_ta():
     labels = [label for label, _ in mixnmatch_chain(tf, students)]
     assert labels == ["mix ff[32,16] heads[2,1]", "mix ff[64,32] heads[4,2]"]
 
-    # With d_model nested, it widens first (every layer shares it), then each block; all stay nested.
+    # With d_model nested, it widens together with the first block, then the next blocks; all stay nested.
     wide = Transformer(vocab_size=11, max_len=8, d_model=16, n_layers=2, n_heads=4, nested=("d_ff", "n_heads", "d_model"))
     chain = mixnmatch_chain(wide, students)
-    assert [label for label, _ in chain][:2] == ["mix d8 ff[16,16] heads[1,1]", "mix d8 ff[32,16] heads[2,1]"]
+    assert [label for label, _ in chain] == ["mix d8 ff[32,16] heads[2,1]", "mix d16 ff[64,32] heads[4,2]"]
     gs = [resolve(wide, 0.25)] + [resolve(wide, g) for _, g in chain] + [resolve(wide, 1.0)]
     assert all(is_nested(a, b) for a, b in zip(gs, gs[1:])), chain
     assert all(num_params(wide, a) < num_params(wide, b) for a, b in zip(gs, gs[1:])), chain

@@ -55,12 +55,20 @@ def _levels(spec, students: dict[str, float]) -> list[dict[str, Any]]:
 def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[str, Any]]]:
     """Mix'n'Match granularities on a nested staircase from the smallest Student to the TA.
 
-    Starting from the smallest Student, one group at a time is widened to the
-    next trained size (Student -> larger Student -> TA): ``d_model`` first when
-    it is nested (it is shared by every layer), then each layer in order. So
-    every model is a mix of trained sizes, the groups rule T5 draws, and
-    contains the previous one. Models equal to a Student or the TA are left out
-    (they are reported under their own names).
+    Starting from the smallest Student, one layer at a time is widened to the
+    next trained size (Student -> larger Student -> TA), in order; a nested
+    ``d_model`` (the residual width every block reads and writes) widens
+    together with the first block. So every model is a mix of trained sizes,
+    the groups rule T5 draws, and contains the previous one. Models equal to a
+    Student or the TA are left out (they are reported under their own names).
+
+    Why ``d_model`` does not widen on its own: a wider residual stream with
+    every block still at the smaller size adds parameters to every projection
+    but no heads or FFN units. In the text tuning runs (docs/results.md, all 27
+    mixes of one trained model scored) that mix was *worse* than the smaller
+    model (3.08 vs 2.87 bits/char for ``d32`` with S-sized blocks against S),
+    and so was a block widened at the narrow ``d_model``, while ``d_model``
+    widened with the first block was better (2.64).
 
     Returns:
         ``[(label, granularity dict), ...]`` in order of growing size.
@@ -69,22 +77,21 @@ def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[st
     per_layer = [k for k in levels[0] if isinstance(levels[0][k], list)]
     shared = [k for k in levels[0] if not isinstance(levels[0][k], list)]
     n = len(levels[0][per_layer[0]])
-    # Groups that change between levels: a shared dimension (d_model) or one layer's sizes.
-    groups = [k for k in shared if any(level[k] != levels[0][k] for level in levels)] + list(range(n))
-    state = {group: 0 for group in groups}
+    nested_shared = [k for k in shared if any(level[k] != levels[0][k] for level in levels)]
+    state = [0] * n  # the level of each layer; shared dimensions follow layer 0
     chain = []
     short = {"hidden": "h", "d_model": "d", "d_ff": "ff", "n_heads": "heads"}
     for level in range(1, len(levels)):
-        for group in groups:
-            state[group] = level
-            if all(v == level for v in state.values()):
+        for layer in range(n):
+            state[layer] = level
+            if all(v == level for v in state):
                 continue  # that is the Student / TA itself
-            g: dict[str, Any] = {k: levels[state.get(k, 0)][k] for k in shared}
+            g: dict[str, Any] = {k: levels[state[0]][k] for k in shared}
             g.update({k: [levels[state[j]][k][j] for j in range(n)] for k in per_layer})
             # e.g. "mix h[32,16,16]" (MLP hidden widths) or "mix d32 ff[128,64] heads[2,1]" (Transformer)
             label = "mix " + " ".join(
                 f"{short[k]}{g[k]}" if k in shared else f"{short[k]}[{','.join(map(str, g[k]))}]"
-                for k in ("d_model", "hidden", "d_ff", "n_heads") if k in g and (k not in shared or k in groups)
+                for k in ("d_model", "hidden", "d_ff", "n_heads") if k in g and (k not in shared or k in nested_shared)
             )
             chain.append((label, g))
     return chain
