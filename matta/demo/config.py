@@ -71,7 +71,7 @@ _LOSS = dict(temperature=2.0, distill_weight=0.5, ramp="linear", ramp_start=0, r
 # Mix'n'Match frontier is monotone, and M weighted 2 because it shares its units with S and the mixes.
 _DIGITS_LOSS = dict(_LOSS, temperature=1.0, sampling="mixnmatch", num_random=1, student_weights={"M": 2.0})
 # Text: the same with λ 0.2 (the Teacher is far better than the TA here, so the Students lean on its labels),
-# 2 mixes per step and each Student weighted 4 against the TA's 1: every term shares the smallest Student's
+# 2 mixes per step and each Student weighted 2 against the TA's 1: every term shares the smallest Student's
 # weights, so under one Adam step a Student weighted like the others is pulled towards the TA's optimum.
 _TEXT_LOSS = dict(_DIGITS_LOSS, distill_weight=0.2, num_random=2, student_weights={"S": 2.0, "M": 2.0})
 
