@@ -162,7 +162,7 @@ def reuse_step_memory() -> bool:
     follows the largest block freed so far but never past 32 MiB. So a step whose
     scratch block is larger page-faults on every page of it, every step: for the
     benchmark's MLP (TA and two Students, 38.6 MiB of scratch) about 9,900 faults
-    and 15-20 ms of system time in a 120-150 ms step, while the plain TA's 29 MiB
+    and 17-21 ms of system time in a 120-160 ms step, while the plain TA's 29 MiB
     block stays under the cap and is reused. This raises the mmap and trim
     thresholds to :data:`STEP_MEMORY_THRESHOLD`, so freed blocks stay in the heap
     for the next step, and the top pad, because XLA's worker threads allocate in
