@@ -7,7 +7,9 @@ Run once per engine, each in its own process (Keras picks its engine once)::
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -315,3 +317,55 @@ def test_backend_of_sees_keras_models_first():
     model = MatTA(MLP_SPEC, backend="keras")
     assert backend_of(model.model) == "keras"
     assert backend_of(model.extract(0.5).model) == "keras"
+
+
+#: After a tiny fit (where matta tunes glibc's malloc, if it does), the minor page faults per call of a
+#: jitted function whose XLA scratch block (a (3072, 3072) float32 product, 36 MiB) is above glibc's
+#: 32 MiB mmap-threshold cap. XLA's worker threads take turns running it and each has its own malloc
+#: arena, so the first calls fault until every arena holds a block: the probe counts after ten calls.
+_SCRATCH_PROBE = """
+import json, resource
+import numpy as np, jax, jax.numpy as jnp
+from matta import MLP, MatTA
+MatTA(MLP(d_in=4, hidden=[8], d_out=2), backend="keras").fit(np.ones((8, 4), "float32"), np.zeros(8, int),
+                                                             steps=1, batch_size=8, progress=False)
+f = jax.jit(lambda a, b: jnp.max(a @ b, axis=0) + jnp.min(a @ b, axis=1))  # two reads: the product is kept
+a, b = jnp.ones((3072, 8)), jnp.ones((8, 3072))
+scratch = f.lower(a, b).compile().memory_analysis().temp_size_in_bytes
+for _ in range(10):
+    f(a, b).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    f(a, b).block_until_ready()
+print(json.dumps({"scratch": scratch, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10}))
+"""
+
+
+def _scratch_faults(**env) -> dict:
+    keep = lambda k: not (k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "MATTA_TUNE_MALLOC"))  # noqa: E731
+    clean = {k: v for k, v in os.environ.items() if keep(k)}
+    out = subprocess.run([sys.executable, "-c", _SCRATCH_PROBE], check=True, capture_output=True, text=True,
+                         env={**clean, "KERAS_BACKEND": ENGINE, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_jax_step_reuses_its_scratch_memory_instead_of_faulting_it_in_every_step():
+    """JAX on CPU: a step's scratch block above 32 MiB stays mapped across steps (engine.reuse_step_memory)."""
+    assert engine.malloc_left_alone({"MATTA_TUNE_MALLOC": "0"}) and engine.malloc_left_alone({"MALLOC_ARENA_MAX": "2"})
+    assert engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"})
+    assert not engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512", "MATTA_TUNE_MALLOC": "1"})
+    applies = ENGINE == "jax" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if applies:
+        import jax
+
+        applies = jax.default_backend() == "cpu"
+    if not applies:  # only XLA on CPU allocates a whole step as one host block
+        MatTA(MLP_SPEC, backend="keras").fit(*_data(MLP_SPEC, 8), steps=1, batch_size=8, progress=False)
+        assert engine.reuse_step_memory() is False
+        return
+    tuned, untouched = _scratch_faults(), _scratch_faults(MATTA_TUNE_MALLOC="0")
+    page = 4096
+    assert tuned["scratch"] > 32 * 2**20 and untouched["scratch"] == tuned["scratch"], (tuned, untouched)
+    # glibc's own policy maps the block afresh on every call: a fault per page of it.
+    assert untouched["faults"] > 0.9 * tuned["scratch"] / page, untouched
+    assert tuned["faults"] < 0.05 * tuned["scratch"] / page, tuned

@@ -25,6 +25,10 @@ Design choices:
   its gradients are finite (``tf.cond`` / ``jax.lax.cond`` / a Python ``if``), and a callback stops ``fit``
   at that step; the backend then raises :class:`matta.errors.NonFiniteLossError`
   through ``TrainingRun.record``. So the weights are those of the last good step.
+* **Host memory (JAX on CPU).** The first ``fit`` raises glibc's malloc thresholds
+  (:func:`matta.backends.keras.engine.reuse_step_memory`): XLA allocates a whole
+  step's scratch as one block, and above 32 MiB glibc would map it afresh, and
+  page-fault it in, on every step.
 * **Logs.** The step returns its own loss and per-term parts; the first callback
   records them in ``run.history`` (where the NaN check happens) and rewrites the
   Keras logs into epoch running means, which is what Keras users expect to see
@@ -343,6 +347,7 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
         object.__setattr__(trainer, "_matta_compiled", key)  # untracked by Keras
     if not optimizer.built:
         optimizer.build(trainer.trainable_variables)
+    engine.reuse_step_memory()  # JAX on CPU: a step's scratch block would be mapped afresh every step
     recorder = _Recorder(run)
     spe = run.steps_per_epoch
     epochs = math.ceil(run.steps / spe)
