@@ -23,7 +23,7 @@ from matta import MLP, MatTA, Transformer, reference
 from matta.losses import LossOptions, StepPlan, Targets, Term, composite_loss
 from matta.nesting import full, resolve
 from matta.backends.keras import engine
-from matta.backends.keras.training import OPS
+from matta.backends.keras.training import OPS, grads_finite
 from spec_tests.assertions import assert_bitwise_equal, assert_close
 from spec_tests.strategies import SHARED_STEPS, step_plan
 
@@ -244,6 +244,26 @@ def test_a_nan_loss_stops_training_with_the_last_good_weights():
     for k, w in replay.weights.items():
         assert np.all(np.isfinite(model.weights[k])), k
         assert_bitwise_equal(model.weights[k], w, k)
+
+
+def test_the_gradient_check_is_exact_for_huge_finite_and_for_non_finite_gradients():
+    """Rule T4's eager gradient check: its fast path (a finite norm) never decides a case wrongly.
+
+    1e30 is finite in float32 but its square overflows, so a norm alone would call these gradients bad.
+    """
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype("float32") for s in ((64, 48), (48,), (7,))]
+    convert = lambda xs: [keras.ops.convert_to_tensor(a) for a in xs]  # noqa: E731
+    assert grads_finite(convert(arrays)) is True
+    huge = [a.copy() for a in arrays]
+    huge[0][3, 5] = 1e30
+    huge[2][:] = -3e38
+    assert grads_finite(convert(huge)) is True
+    for bad in (np.nan, np.inf, -np.inf):
+        for i, index in ((0, (63, 47)), (1, (0,)), (2, (6,))):
+            broken = [a.copy() for a in huge]
+            broken[i][index] = bad
+            assert grads_finite(convert(broken)) is False, (bad, i)
 
 
 def test_optimizer_and_fit_options():
