@@ -229,6 +229,36 @@ def test_the_shared_first_layer_equals_one_run_per_granularity(names):
         assert_close(grads[p], np.asarray(keras.ops.convert_to_numpy(g)), "float32", f"gradient {p} of {names}")
 
 
+@pytest.mark.parametrize("sizes", [[(6, 5), (3, 4), (2, 5), (3, 4), (6, 1)], [(3, 4), (2, 2)], [(3, None), (6, 5)]],
+                         ids=["with-whole", "prefixes-only", "row-prefix"])
+def test_several_prefix_reads_of_one_variable_give_the_slices_and_the_summed_gradient(sizes):
+    """What a training step's weight reads compute (``models._reader``; on torch, one autograd node):
+    each read is the prefix slice, and the variable's gradient is the sum of every read's zero-padded one."""
+    from matta.backends.keras.models import _reader
+
+    rng = np.random.default_rng(1)
+    value = rng.standard_normal((6, 5)).astype("float32")
+    var = keras.Variable(value, dtype="float32")
+    weights = [rng.standard_normal((6, 5)).astype("float32") for _ in sizes]
+
+    def crop(a, s):
+        return a[tuple(slice(0, n) for n in s)]
+
+    def fn():
+        read = _reader({"w": (var, sizes)})
+        outs = [read("w", *s) for s in sizes]
+        for out, s in zip(outs, sizes):
+            assert_bitwise_equal(np.asarray(keras.ops.convert_to_numpy(out)), crop(value, s), f"read {s}")
+        total = sum(keras.ops.sum(keras.ops.multiply(out, crop(c, s))) for out, s, c in zip(outs, sizes, weights))
+        return total, None
+
+    _, _, (grad,) = engine.value_and_grad([var], fn)
+    expected = np.zeros_like(value)
+    for s, c in zip(sizes, weights):
+        expected[tuple(slice(0, n) for n in s)] += crop(c, s)
+    assert_close(np.asarray(keras.ops.convert_to_numpy(grad)), expected, "float32", f"gradient of reads {sizes}")
+
+
 def test_a_nan_loss_stops_training_with_the_last_good_weights():
     """Rule T4: the bad step's update is skipped inside the compiled step and fit stops there."""
     x, y = _data(MLP_SPEC, 64)
