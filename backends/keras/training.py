@@ -24,7 +24,9 @@ Design choices:
 * **NaN/Inf (rule T4).** The step applies its update only if its loss and all
   its gradients are finite (``tf.cond`` / ``jax.lax.cond`` / a Python ``if``), and a callback stops ``fit``
   at that step; the backend then raises :class:`matta.errors.NonFiniteLossError`
-  through ``TrainingRun.record``. So the weights are those of the last good step.
+  through ``TrainingRun.record``. So the weights are those of the last good step. The eager
+  torch step reads one fused norm of the gradients first (:func:`grads_finite`), since
+  ``keras.ops.isfinite`` there is several passes over every gradient.
 * **Host memory (JAX on CPU).** The first ``fit`` raises glibc's malloc thresholds
   (:func:`matta.backends.keras.engine.reuse_step_memory`): XLA allocates a whole
   step's scratch as one block, and above 32 MiB glibc would map it afresh, and
