@@ -23,7 +23,7 @@ from matta import MLP, MatTA, Transformer, reference
 from matta.losses import LossOptions, StepPlan, Targets, Term, composite_loss
 from matta.nesting import full, resolve
 from matta.backends.keras import engine
-from matta.backends.keras.training import OPS
+from matta.backends.keras.training import OPS, grads_finite
 from spec_tests.assertions import assert_bitwise_equal, assert_close
 from spec_tests.strategies import SHARED_STEPS, step_plan
 
@@ -229,6 +229,36 @@ def test_the_shared_first_layer_equals_one_run_per_granularity(names):
         assert_close(grads[p], np.asarray(keras.ops.convert_to_numpy(g)), "float32", f"gradient {p} of {names}")
 
 
+@pytest.mark.parametrize("sizes", [[(6, 5), (3, 4), (2, 5), (3, 4), (6, 1)], [(3, 4), (2, 2)], [(3, None), (6, 5)]],
+                         ids=["with-whole", "prefixes-only", "row-prefix"])
+def test_several_prefix_reads_of_one_variable_give_the_slices_and_the_summed_gradient(sizes):
+    """What a training step's weight reads compute (``models._reader``; on torch, one autograd node):
+    each read is the prefix slice, and the variable's gradient is the sum of every read's zero-padded one."""
+    from matta.backends.keras.models import _reader
+
+    rng = np.random.default_rng(1)
+    value = rng.standard_normal((6, 5)).astype("float32")
+    var = keras.Variable(value, dtype="float32")
+    weights = [rng.standard_normal((6, 5)).astype("float32") for _ in sizes]
+
+    def crop(a, s):
+        return a[tuple(slice(0, n) for n in s)]
+
+    def fn():
+        read = _reader({"w": (var, sizes)})
+        outs = [read("w", *s) for s in sizes]
+        total = sum(keras.ops.sum(keras.ops.multiply(out, crop(c, s))) for out, s, c in zip(outs, sizes, weights))
+        return total, outs  # JAX traces fn: the reads are compared once they are values
+
+    _, outs, (grad,) = engine.value_and_grad([var], fn)
+    for out, s in zip(outs, sizes):
+        assert_bitwise_equal(np.asarray(keras.ops.convert_to_numpy(out)), crop(value, s), f"read {s}")
+    expected = np.zeros_like(value)
+    for s, c in zip(sizes, weights):
+        expected[tuple(slice(0, n) for n in s)] += crop(c, s)
+    assert_close(np.asarray(keras.ops.convert_to_numpy(grad)), expected, "float32", f"gradient of reads {sizes}")
+
+
 def test_a_nan_loss_stops_training_with_the_last_good_weights():
     """Rule T4: the bad step's update is skipped inside the compiled step and fit stops there."""
     x, y = _data(MLP_SPEC, 64)
@@ -244,6 +274,26 @@ def test_a_nan_loss_stops_training_with_the_last_good_weights():
     for k, w in replay.weights.items():
         assert np.all(np.isfinite(model.weights[k])), k
         assert_bitwise_equal(model.weights[k], w, k)
+
+
+def test_the_gradient_check_is_exact_for_huge_finite_and_for_non_finite_gradients():
+    """Rule T4's eager gradient check: its fast path (a finite norm) never decides a case wrongly.
+
+    1e30 is finite in float32 but its square overflows, so a norm alone would call these gradients bad.
+    """
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(s).astype("float32") for s in ((64, 48), (48,), (7,))]
+    convert = lambda xs: [keras.ops.convert_to_tensor(a) for a in xs]  # noqa: E731
+    assert grads_finite(convert(arrays)) is True
+    huge = [a.copy() for a in arrays]
+    huge[0][3, 5] = 1e30
+    huge[2][:] = -3e38
+    assert grads_finite(convert(huge)) is True
+    for bad in (np.nan, np.inf, -np.inf):
+        for i, index in ((0, (63, 47)), (1, (0,)), (2, (6,))):
+            broken = [a.copy() for a in huge]
+            broken[i][index] = bad
+            assert grads_finite(convert(broken)) is False, (bad, i)
 
 
 def test_optimizer_and_fit_options():

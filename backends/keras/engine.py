@@ -1,4 +1,5 @@
-"""What differs between the Keras engines (``KERAS_BACKEND``): gradients, float64 support, JAX's host memory.
+"""What differs between the Keras engines (``KERAS_BACKEND``): gradients, float64 support, JAX's host memory,
+and torch's gradient of several prefix reads of one tensor.
 
 Everything else in this backend is written once over ``keras.ops``. Keras has no
 portable gradient call (a custom ``train_step`` is per engine in Keras 3), so the
@@ -19,7 +20,7 @@ from keras import ops
 from matta.errors import InputTypeError
 from matta.specs import MLP, Spec
 
-__all__ = ["name", "value_and_grad", "float64_blocker", "check_dtype", "reuse_step_memory"]
+__all__ = ["name", "value_and_grad", "prefix_reads", "float64_blocker", "check_dtype", "reuse_step_memory"]
 
 
 def name() -> str:
@@ -60,6 +61,58 @@ def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[A
         raise InputTypeError(f"KERAS_BACKEND must be 'tensorflow', 'jax' or 'torch' for matta; got {engine!r}")
     grads = [ops.zeros_like(v.value) if g is None else g for g, v in zip(grads, variables)]
     return value, aux, grads
+
+
+# ------------------------------------------------------------------------------ prefix reads (torch)
+_PREFIX_READS: dict[str, Any] = {}
+
+
+def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
+    """Eager torch only: ``value[index]`` for each index (``None``: all of it) as one autograd node.
+
+    The values are the same views plain indexing gives, so a forward pass is unchanged. The
+    gradient is what differs: PyTorch's backward of a slice makes a zero tensor of the full shape,
+    copies the slice's gradient into it and adds that to the other reads' gradients, so every
+    Student-sized read of a TA kernel costs two full-size passes (for the benchmark's MLP, 2048 x
+    2048 kernels: about 12 ms of a 140 ms step on one thread). This node adds each slice's gradient
+    into the whole read's gradient in place instead, and needs a full-size zero tensor only when
+    nothing reads the tensor whole. The whole read's gradient is modified in place: callers feed
+    every read to an op whose backward makes that gradient afresh (a matmul, a broadcasting add,
+    a slice), never to one that passes it through shared with another input.
+
+    Args:
+        value: a torch tensor (a variable's ``.value`` or an activation).
+        indices: for each read, a tuple of slices, or ``None`` for the whole tensor.
+
+    Returns:
+        One tensor per index, in order.
+    """
+    if "fn" not in _PREFIX_READS:
+        import torch
+
+        class PrefixReads(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, value, *indices):
+                ctx.indices = indices
+                ctx.shape, ctx.dtype, ctx.device = value.shape, value.dtype, value.device
+                return tuple(value.view_as(value) if i is None else value[i] for i in indices)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                whole = [g for i, g in zip(ctx.indices, grads) if i is None and g is not None]
+                if whole and 0 not in whole[0].stride():
+                    total = whole[0]
+                else:  # no whole read (or an expanded gradient, which cannot be written to)
+                    total = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+                    if whole:
+                        total += whole[0]
+                for i, g in zip(ctx.indices, grads):
+                    if i is not None and g is not None:
+                        total[i] += g
+                return (total, *(None for _ in ctx.indices))
+
+        _PREFIX_READS["fn"] = PrefixReads.apply
+    return _PREFIX_READS["fn"](value, *indices)
 
 
 # ------------------------------------------------------------------------------ float64

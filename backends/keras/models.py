@@ -21,6 +21,7 @@ from keras import layers, ops
 
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec, Transformer
+from matta.backends.keras import engine
 from matta.backends.keras import functional as F
 
 __all__ = ["NestedModel", "plain_model", "plain_variables", "keras_name"]
@@ -87,23 +88,30 @@ class NestedModel(keras.Model):
             return [self._transformer(x, g) for g in granularities]
         widths = [self._widths(g) for g in granularities]
         widest = max(w[1] for w in widths)
-        h = self._dense(0, x, self.spec.d_in, widest)  # (batch, widest)
-        # _prefix reads h whole for the widest granularity: no slice copy, no gradient scatter.
-        return [self._dense_from(1, _prefix(h, None, w[1]), w) for w in widths]
+        # The kernel sizes every layer is read at in this call (layer 0 once, at the widest width).
+        kernels = [[(self.spec.d_in, widest)], *([(w[i], w[i + 1]) for w in widths] for i in range(1, self.spec.num_layers))]
+        p = self.params
+        read = _reader({
+            **{f"layers.{i}.kernel": (p[f"layers.{i}.kernel"], sizes) for i, sizes in enumerate(kernels)},
+            **{f"layers.{i}.bias": (p[f"layers.{i}.bias"], [k[1:] for k in sizes]) for i, sizes in enumerate(kernels)},
+        })
+        h = self._dense(0, x, self.spec.d_in, widest, read)  # (batch, widest)
+        # h is read whole for the widest granularity: no slice copy, no gradient scatter.
+        hs = _reader({"h": (h, [(None, w[1]) for w in widths])})
+        return [self._dense_from(1, hs("h", None, w[1]), w, read) for w in widths]
 
     def _widths(self, granularity: Granularity) -> list[int]:
         s = granularity.as_dict()
         return [self.spec.d_in, *(s[f"hidden.{i}"] for i in range(len(self.spec.hidden))), self.spec.d_out]
 
-    def _dense(self, i: int, h, d_in: int, d_out: int):
+    def _dense(self, i: int, h, d_in: int, d_out: int, read):
         """MLP layer ``i`` on its ``(d_in, d_out)`` kernel prefix, then the activation unless it is the output layer."""
-        w = self.params
-        h = F.dense(h, _prefix(w[f"layers.{i}.kernel"], d_in, d_out), _prefix(w[f"layers.{i}.bias"], d_out))
+        h = F.dense(h, read(f"layers.{i}.kernel", d_in, d_out), read(f"layers.{i}.bias", d_out))
         return F.activation(self.spec.activation, h) if i < self.spec.num_layers - 1 else h
 
-    def _dense_from(self, start: int, h, widths: Sequence[int]):
+    def _dense_from(self, start: int, h, widths: Sequence[int], read):
         for i in range(start, self.spec.num_layers):
-            h = self._dense(i, h, widths[i], widths[i + 1])
+            h = self._dense(i, h, widths[i], widths[i + 1], read)
         return h  # (batch, d_out)
 
     def _transformer(self, x, granularity: Granularity):
@@ -138,6 +146,41 @@ class NestedModel(keras.Model):
         return F.dense(h, _prefix(w["head.kernel"], d, None))  # (B, T, vocab): outputs never sliced (rule S4)
 
 
+def _reader(requests):
+    """``read(name, *sizes)``: :func:`_prefix` of ``requests[name][0]``, for the reads declared up front.
+
+    ``requests`` maps a name to ``(variable or tensor, [sizes of each read])``. On the torch engine
+    the distinct reads of one tensor, when there are several (a training step's terms), go through
+    one :func:`engine.prefix_reads` node: the same values, and a backward pass that adds each
+    slice's gradient into the whole tensor's in place instead of a full-size zero tensor and sum
+    per slice. Elsewhere, and for a tensor read once (a single granularity, as :meth:`NestedModel.run`
+    and so extraction's bit-exactness use), it is plain :func:`_prefix`. A name not in ``requests``
+    is read with :func:`_prefix` too.
+    """
+    shared = {}
+    if engine.name() == "torch":
+        for name, (tensor, sizes) in requests.items():
+            distinct = list(dict.fromkeys(tuple(s) for s in sizes))
+            if len(distinct) < 2:
+                continue
+            value = tensor.value if isinstance(tensor, keras.Variable) else tensor
+            shape = tuple(value.shape)
+            indices = [None if _whole(shape, s) else tuple(slice(None) if n is None else slice(0, n) for n in s)
+                       for s in distinct]
+            shared.update({(name, s): out for s, out in zip(distinct, engine.prefix_reads(value, indices))})
+
+    def read(name: str, *sizes):
+        out = shared.get((name, sizes))
+        return _prefix(requests[name][0], *sizes) if out is None else out
+
+    return read
+
+
+def _whole(shape: tuple, sizes: tuple) -> bool:
+    # A traced size (a tensor, e.g. the sequence length) is never taken as whole.
+    return all(n is None or (isinstance(n, int) and n == shape[i]) for i, n in enumerate(sizes))
+
+
 def _prefix(variable, *sizes):
     """``variable[:sizes[0], :sizes[1], ...]`` (``None`` keeps an axis whole), the variable itself when whole.
 
@@ -147,9 +190,7 @@ def _prefix(variable, *sizes):
     kernel in the forward pass and a scatter of its gradient in the backward pass. Values are
     the same either way, so the extracted model still equals the nested one bit for bit.
     """
-    shape = tuple(variable.shape)
-    # A traced size (a tensor, e.g. the sequence length) is never taken as whole.
-    if all(n is None or (isinstance(n, int) and n == shape[i]) for i, n in enumerate(sizes)):
+    if _whole(tuple(variable.shape), sizes):
         return variable
     return variable[tuple(slice(None) if n is None else slice(0, n) for n in sizes)]
 
