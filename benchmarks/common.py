@@ -51,16 +51,53 @@ def data(spec: Spec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, measured round-robin so drift hits all alike.
+def interleaved_samples(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function in every round, measured round-robin so drift hits all alike.
 
     Each function returns the seconds of the work it timed (so it can exclude set-up).
     """
+    assert repeats >= 1 and fns, (repeats, list(fns))
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(fn())
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
+
+
+def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` round-robin rounds."""
+    return {k: statistics.median(v) for k, v in interleaved_samples(fns, repeats).items()}
+
+
+def paired_ratio(samples: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of ``numerator / denominator`` timed in the same round.
+
+    A slow moment on a shared machine slows both sides of one round alike, so the
+    per-round ratio is steadier than a ratio of two medians.
+    """
+    a, b = samples[numerator], samples[denominator]
+    assert len(a) == len(b) > 0 and all(t > 0 for t in b), (numerator, denominator)
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+#: Rounds of the serving comparison (a ratio near 1 at batch 1 needs many rounds to resolve 2 %).
+SERVING_ROUNDS = 21
+
+
+def serving_row(workload: str, backend: str, batch: int, fns: dict[str, Callable[[], float]], rounds: int) -> dict:
+    """One serving row: ``fns`` times ``extracted``, ``plain`` and ``nested`` calls; one warm-up call each.
+
+    The times are medians over the rounds; the ratios are medians of per-round ratios (:func:`paired_ratio`).
+    """
+    assert set(fns) == {"extracted", "plain", "nested"}, sorted(fns)
+    for fn in fns.values():
+        fn()
+    samples = interleaved_samples(fns, rounds)
+    t = {k: statistics.median(v) for k, v in samples.items()}
+    return {"workload": workload, "backend": backend, "batch": batch, "rounds": rounds,
+            "extracted_s": t["extracted"], "plain_s": t["plain"], "nested_s": t["nested"],
+            "serve_ratio": paired_ratio(samples, "extracted", "plain"),
+            "nested_ratio": paired_ratio(samples, "nested", "extracted")}
 
 
 def timed(fn: Callable[[], object], number: int = 1) -> float:

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import Workload, data, interleaved, timed, workloads  # noqa: E402
+from benchmarks.common import SERVING_ROUNDS, Workload, data, interleaved, serving_row, timed, workloads  # noqa: E402
 from matta import MLP, MatTA  # noqa: E402
 from matta.nesting import sub_spec  # noqa: E402
 from matta.specs import Spec  # noqa: E402
@@ -86,12 +86,7 @@ def serving(w: Workload, repeats: int, student: str = "S") -> list[dict]:
             "plain": lambda: timed(lambda: plain(xb), number),
             "nested": lambda: timed(lambda: model.model.run(xb, g), number),
         }
-        for fn in fns.values():
-            fn()
-        t = interleaved(fns, repeats)
-        rows.append({"workload": w.name, "backend": f"keras-{ENGINE}", "batch": batch, "extracted_s": t["extracted"],
-                     "plain_s": t["plain"], "nested_s": t["nested"], "serve_ratio": t["extracted"] / t["plain"],
-                     "nested_ratio": t["nested"] / t["extracted"]})
+        rows.append(serving_row(w.name, f"keras-{ENGINE}", batch, fns, repeats))
     return rows
 
 
@@ -108,7 +103,7 @@ def main() -> int:
         if "training" not in skip:
             out["training"].append(training(w, steps, repeats))
         if "serving" not in skip:
-            out["serving"] += serving(w, repeats)
+            out["serving"] += serving(w, 1 if args.smoke else SERVING_ROUNDS)
     with open(args.json, "w") as f:
         json.dump(out, f)
     return 0

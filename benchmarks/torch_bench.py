@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import Workload, data, interleaved, timed
+from benchmarks.common import Workload, data, interleaved, serving_row, timed
 from matta import MLP, MatTA
 from matta.nesting import sub_spec
 from matta.specs import Spec
@@ -109,13 +109,7 @@ def serving(w: Workload, repeats: int, student: str = "S") -> list[dict]:
                 "plain": lambda: timed(lambda: plain(xb), number),
                 "nested": lambda: timed(lambda: model.model(xb, g), number),
             }
-            for fn in fns.values():
-                fn()
-            t = interleaved(fns, repeats)
-        rows.append({
-            "workload": w.name, "backend": "torch", "batch": batch, "extracted_s": t["extracted"], "plain_s": t["plain"],
-            "nested_s": t["nested"], "serve_ratio": t["extracted"] / t["plain"], "nested_ratio": t["nested"] / t["extracted"],
-        })
+            rows.append(serving_row(w.name, "torch", batch, fns, repeats))
     return rows
 
 

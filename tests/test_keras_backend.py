@@ -80,6 +80,26 @@ def test_extracted_models_are_built_in_keras_layers_only():
         assert {"Dense"} <= kinds <= allowed, kinds
 
 
+@pytest.mark.parametrize("activation", matta.specs.ACTIVATIONS)
+def test_extracted_mlp_applies_built_in_activations_inside_dense(activation):
+    """relu/tanh/sigmoid/silu ride in ``Dense(activation=...)`` (no extra graph node), bit-exact; GELU is a node."""
+    from matta.backends.keras.models import INSIDE_DENSE
+
+    spec = MLP(d_in=24, hidden=[64, 48], d_out=7, activation=activation)
+    model = MatTA(spec, backend="keras", seed=3)
+    x, _ = _data(spec, 32)
+    student = model.extract(0.5)
+    dense = [layer for layer in student.model.layers if type(layer).__name__ == "Dense"]
+    assert len(dense) == 3, student.model.layers
+    names = [keras.activations.serialize(layer.activation) for layer in dense]
+    inside = activation in INSIDE_DENSE
+    assert names == ([activation, activation, "linear"] if inside else ["linear"] * 3), (activation, names)
+    # Graph nodes beyond the layers: one per hidden layer for GELU, none otherwise.
+    ops_nodes = [op for op in student.model.operations if not isinstance(op, keras.layers.Layer)]
+    assert len(ops_nodes) == (0 if inside else 2), (activation, ops_nodes)
+    assert_bitwise_equal(student.predict(x), model.predict(x, 0.5), f"{ENGINE} {activation}")
+
+
 def test_float64_support_is_probed_and_refused_with_a_matta_error():
     """float64 runs exactly where every op computes in float64; elsewhere a matta error names the op."""
     for spec in (MLP_SPEC, LM_SPEC):

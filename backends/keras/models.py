@@ -26,6 +26,9 @@ from matta.backends.keras import functional as F
 
 __all__ = ["NestedModel", "plain_model", "plain_variables", "keras_name"]
 
+#: MLP activations a built-in ``Dense(activation=name)`` computes with the op :func:`functional.activation` uses.
+INSIDE_DENSE = ("relu", "tanh", "sigmoid", "silu")
+
 
 def keras_name(name: str) -> str:
     """A spec parameter or layer name as a Keras name.
@@ -213,9 +216,16 @@ def plain_model(spec: Spec, dtype: str) -> keras.Model:
         x = keras.Input((spec.d_in,), dtype=dtype, name="features")
         h = x
         widths = [*spec.hidden, spec.d_out]
+        # Keras' built-in relu/tanh/sigmoid/silu run the very op F.activation runs, so they go inside
+        # the Dense layer: an eager call of a functional model pays per graph node, and a separate
+        # activation node cost 3-24 % at batch 1 (docs/benchmarks.md). GPT-2's tanh GELU has no built-in
+        # activation name (Keras' "gelu" is the erf form), so it stays a keras.ops node.
+        inside = spec.activation in INSIDE_DENSE
         for i, width in enumerate(widths):
-            h = layers.Dense(width, dtype=dtype, name=keras_name(f"layers.{i}"))(h)
-            if i < len(widths) - 1:
+            hidden = i < len(widths) - 1
+            act = spec.activation if hidden and inside else None
+            h = layers.Dense(width, activation=act, dtype=dtype, name=keras_name(f"layers.{i}"))(h)
+            if hidden and not inside:
                 h = F.activation(spec.activation, h)
         return keras.Model(x, h, name="matta_mlp")
 
