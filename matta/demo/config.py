@@ -71,9 +71,10 @@ _LOSS = dict(temperature=2.0, distill_weight=0.5, ramp="linear", ramp_start=0, r
 # Mix'n'Match frontier is monotone, and M weighted 2 because it shares its units with S and the mixes.
 _DIGITS_LOSS = dict(_LOSS, temperature=1.0, sampling="mixnmatch", num_random=1, student_weights={"M": 2.0})
 # Text: the same with λ 0.2 (the Teacher is far better than the TA here, so the Students lean on its labels),
-# 2 mixes per step and each Student weighted 2 against the TA's 1: every term shares the smallest Student's
-# weights, so under one Adam step a Student weighted like the others is pulled towards the TA's optimum.
-_TEXT_LOSS = dict(_DIGITS_LOSS, distill_weight=0.2, num_random=2, student_weights={"S": 2.0, "M": 2.0})
+# 2 mixes per step, S weighted 2 and M 4 against the TA's 1: every term shares the smallest Student's
+# weights, so under one Adam step a Student weighted like the others is pulled towards the TA's optimum,
+# and M (three quarters of the TA) is nearly the TA's own sub-problem, so it takes the larger weight.
+_TEXT_LOSS = dict(_DIGITS_LOSS, distill_weight=0.2, num_random=2, student_weights={"S": 2.0, "M": 4.0})
 
 _DIGITS = {
     "smoke": TaskConfig(
@@ -111,7 +112,8 @@ _TEXT = {
         teacher_steps=800, teacher_learning_rate=3e-3, teacher_learning_rate_schedule="cosine", teacher_warmup_steps=50,
         ta={"vocab_size": 97, "max_len": 32, "d_model": 64, "n_layers": 2, "n_heads": 4,
             "nested": ["d_ff", "n_heads", "d_model"]},
-        students={"S": 0.25, "M": 0.5}, steps=400, batch_size=32, learning_rate=3e-3, loss=_TEXT_LOSS,
+        # M at 3/4 rather than 1/2: the largest nested Student trails its baseline least there (docs/results.md).
+        students={"S": 0.25, "M": 0.75}, steps=400, batch_size=32, learning_rate=3e-3, loss=_TEXT_LOSS,
         latency_repeats=20,
     ),
 }
