@@ -161,6 +161,64 @@ def test_steps_whose_granularities_vary_train_eagerly_and_follow_the_schedule(sa
         assert {k[len("loss/"):] for k in entry if k.startswith("loss/")} == {t.name for t in plan.terms}
 
 
+VARYING_PLANS = {
+    "mixnmatch-2": {"sampling": "mixnmatch", "num_random": 2},
+    "sandwich-1": {"sampling": "sandwich", "num_random": 1},
+    "one": {"sampling": "one"},
+    "mixnmatch-chain": {"sampling": "mixnmatch", "num_random": 1, "parent": "chain"},
+    "mixnmatch-no-stop-gradient": {"sampling": "mixnmatch", "num_random": 1, "stop_gradient": False},
+}
+
+
+# Every plan on the MLP; on the Transformer (slow to compile per plan under JAX) the two with a mix.
+VARYING_CASES = [("mlp", p) for p in sorted(VARYING_PLANS)] + [("transformer", "mixnmatch-2"),
+                                                                 ("transformer", "mixnmatch-chain")]
+
+
+@pytest.mark.parametrize("family,plan", VARYING_CASES, ids=[f"{f}-{p}" for f, p in VARYING_CASES])
+def test_steps_whose_plan_varies_equal_one_eager_step_and_the_torch_backend(family, plan, monkeypatch):
+    """A varying plan runs as compiled groups (every-step terms, each varying term, the update) under TF and
+    JAX. The split must not change a step: per-term losses equal those of the whole step run eagerly as one
+    function (float32 rounding of the gradient sums) and follow torch's step for step (cross-framework
+    rounding, which Adam carries from step to step); each group is traced once."""
+    from matta.backends.keras import _TRAINERS
+    from matta.backends.keras.training import Trainer
+
+    options = VARYING_PLANS[plan]
+    spec = {"mlp": MLP_SPEC, "transformer": LM_SPEC}[family]
+    x, y = _data(spec, 96)
+    parts = {}
+    for name in ("torch", "keras", "keras-one-step"):
+        with monkeypatch.context() as patch:
+            if name == "keras-one-step":
+                patch.setattr(Trainer, "_groups", lambda self, terms: None)  # the whole step as one function
+            model = MatTA(spec, students={"S": 0.25, "M": 0.5}, backend=name.split("-")[0], seed=11,
+                          learning_rate=3e-3, distill_weight=0.5, ramp_end=2, **options)
+            history = model.fit(x, y, steps=6, batch_size=32, progress=False)["steps"]
+        parts[name] = [{k: s[k] for k in s if k == "loss" or k.startswith("loss/")} for s in history]
+        if name == "keras":
+            trainer = _TRAINERS[model.model][1]
+            functions = dict(trainer.group_functions)
+            drawn = {model.schedule.plan(s, 6).terms for s in range(6)}
+            # A chain parent that is a mix sends its step to the one eager function.
+            grouped = [terms for terms in drawn if trainer._groups(terms) is not None]
+    for other, rtol in (("keras-one-step", 2e-6), ("torch", 1e-4)):
+        for step, (k, t) in enumerate(zip(parts["keras"], parts[other])):
+            assert set(k) == set(t), (plan, other, step, k, t)
+            np.testing.assert_allclose([k[n] for n in sorted(k)], [t[n] for n in sorted(t)], rtol=rtol,
+                                       err_msg=f"{plan}: keras vs {other}, step {step}")
+    if engine.name() == "torch" or options.get("stop_gradient") is False or not grouped:
+        assert not functions, sorted(map(str, functions))  # eager torch, or parents that are not constants
+    elif engine.name() == "tensorflow":
+        groups = {k: f for k, f in functions.items() if k != "apply"}
+        distinct = {(t.granularity, t.weight, t.parent) for terms in grouped for t in terms}
+        assert "apply" in functions and 1 <= len(groups) <= len(distinct), (plan, len(groups), len(distinct))
+        traces = {str(k): f.experimental_get_tracing_count() for k, f in functions.items()}
+        assert set(traces.values()) == {1}, traces
+    else:
+        assert {"jax_group", "jax_apply"} <= set(functions), sorted(functions)
+
+
 @pytest.mark.parametrize("options", [{}, {"learning_rate_schedule": "cosine", "warmup_steps": 2}],
                          ids=["constant-rate", "cosine-warmup"])
 def test_the_first_steps_equal_the_torch_backend(options):

@@ -14,12 +14,21 @@ Design choices:
   number, so it travels *in the batch* as a tensor: one compiled function covers
   the whole ramp. When every step trains the same granularities (sampling
   ``"all"``, or only one possible student) the step is compiled once. When the
-  set changes between steps (``"sandwich"`` with random Mix'n'Match, ``"one"``
-  with several students) the step runs eagerly (``run_eagerly=True``) and reads
-  its plan from the step index carried in the batch: a fresh random
-  granularity almost every step would mean a fresh XLA compilation almost every
-  step, which costs more than it saves (under JAX, whose op-by-op dispatch is very
-  slow, each distinct plan is still jit-compiled once). Pass ``run_eagerly``/``jit_compile`` to
+  set changes between steps (``"mixnmatch"`` and ``"sandwich"`` with random mixes,
+  ``"one"`` with several students) Keras runs the step eagerly (``run_eagerly=True``)
+  and the step reads its plan from the step index carried in the batch. A plan is
+  the terms every step trains plus a few that vary, and the pairs of random mixes
+  are too many to compile a step for each (27 mixes of a two-block Transformer
+  make 729 ordered pairs). So, under TensorFlow and JAX, each *group* is compiled
+  once: the every-step terms as one function (its loss, gradients and outputs),
+  each varying term as its own function keyed by its granularity, weight and parent
+  (fed the parent's outputs, which rule L4's stop-gradient makes a constant), and
+  one function that sums the gradients and applies the optimizer. After at most
+  one compilation per distinct granularity, every step runs compiled code (the
+  default text demo's Keras-TensorFlow MatTA fit: 302 s eager, 77 s grouped;
+  ``docs/benchmarks.md``). With ``stop_gradient=False``, or a parent that is
+  itself a varying term (a chain), the whole step runs eagerly as one function
+  (JAX: jit-compiled per distinct plan). Pass ``run_eagerly``/``jit_compile`` to
   override where that choice is wrong for you.
 * **NaN/Inf (rule T4).** The step applies its update only if its loss and all
   its gradients are finite (``tf.cond`` / ``jax.lax.cond`` / a Python ``if``), and a callback stops ``fit``
@@ -41,14 +50,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
 from matta.errors import OptionError
-from matta.losses import LossOptions, StepPlan, Targets, Term, composite_loss
+from matta.losses import TA, LossOptions, StepPlan, Targets, Term, composite_loss
 from matta.training import TrainingRun, batch_indices
 from matta.backends.keras import engine
 from matta.backends.keras.models import NestedModel
@@ -84,11 +93,25 @@ class KerasOps:
 OPS = KerasOps()
 
 
-def step_loss(model: NestedModel, x, targets: Targets, terms: Sequence[Term], distill, options: LossOptions):
-    """The composite loss of one step (DESIGN §4) and each term's part, in ``keras.ops``."""
+def step_outputs_and_loss(model: NestedModel, x, targets: Targets, terms: Sequence[Term], distill,
+                          options: LossOptions, parents: Optional[Mapping[str, Any]] = None):
+    """``(total, parts, outputs)``: the DESIGN §4 loss of ``terms``, each term's part, and its outputs.
+
+    Args:
+        parents: outputs of distillation parents computed elsewhere (by name), for terms whose
+            parent is not among ``terms``; with rule L4's stop-gradient they are constants.
+    """
     # One call for every term: the nested MLP shares its first layer across them (same math).
     outputs = dict(zip((t.name for t in terms), model.run_many(x, [t.granularity for t in terms])))
-    return composite_loss(OPS, outputs, targets, StepPlan(-1, tuple(terms), distill), options)
+    total, parts = composite_loss(OPS, {**(parents or {}), **outputs}, targets, StepPlan(-1, tuple(terms), distill),
+                                  options)
+    return total, parts, outputs
+
+
+def step_loss(model: NestedModel, x, targets: Targets, terms: Sequence[Term], distill, options: LossOptions):
+    """The composite loss of one step (DESIGN §4) and each term's part, in ``keras.ops``."""
+    total, parts, _ = step_outputs_and_loss(model, x, targets, terms, distill, options)
+    return total, parts
 
 
 def _finite(x):
@@ -130,6 +153,10 @@ class Trainer(keras.Model):
         self.nested = nested
         self.run_info: Optional[TrainingRun] = None
         self.static_terms: Optional[tuple[Term, ...]] = None
+        # Terms every step of a varying plan trains (compiled as one group), and the compiled groups;
+        # set past Keras' attribute tracking, which would wrap the dict and walk the functions in it.
+        object.__setattr__(self, "fixed_terms", frozenset())
+        object.__setattr__(self, "group_functions", {})
         self.built = True
 
     def call(self, x):  # pragma: no cover - Keras asks for it; matta never calls the trainer
@@ -146,12 +173,36 @@ class Trainer(keras.Model):
         return run.schedule.plan(step, run.steps).terms
 
     def _loss(self, x, y, terms):
+        total, parts, _ = self._group_loss(x, y, terms, {})
+        return total, (parts, y["distill"][0])
+
+    def _group_loss(self, x, y, terms, parents):
         run = self.run_info
         assert run is not None
         targets = Targets(hard=y.get("hard"), soft=y.get("soft"), regression=y.get("regression"))
-        lam = y["distill"][0]
-        total, parts = step_loss(self.nested, x, targets, terms, lam, run.options)
-        return total, (parts, lam)
+        return step_outputs_and_loss(self.nested, x, targets, terms, y["distill"][0], run.options, parents)
+
+    def _groups(self, terms: tuple[Term, ...]) -> Optional[tuple[tuple[Term, ...], tuple[Term, ...]]]:
+        """``(every-step terms, (term, ...))`` of a varying plan, or None where one eager step must run.
+
+        Each varying term becomes a one-term group named ``_VARYING``, so that ``mix0`` and ``mix1``
+        of the same granularity share one compiled function.
+        """
+        run = self.run_info
+        assert run is not None
+        if self.static_terms is not None or not self.fixed_terms or not run.options.stop_gradient:
+            return None
+        fixed = tuple(t for t in terms if t in self.fixed_terms)
+        names = {t.name for t in fixed}
+        varying = tuple(t for t in terms if t not in self.fixed_terms)
+        # Every parent must come from the every-step group (a chain parent can be a mix).
+        if TA not in names or any(t.parent is not None and t.parent not in names for t in terms):
+            return None
+        return fixed, varying
+
+    @staticmethod
+    def _one_term(term: Term) -> Term:
+        return Term(_VARYING, term.granularity, term.weight, term.parent)
 
     @staticmethod
     def _logs(loss, parts, lam, y, grads_ok):
@@ -169,6 +220,9 @@ class Trainer(keras.Model):
 
         x, y = data
         terms = self._terms(y)
+        groups = self._groups(terms)
+        if groups is not None:
+            return self._grouped_step_tf(x, y, *groups)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             loss, (parts, lam) = self._loss(x, y, terms)
@@ -191,6 +245,9 @@ class Trainer(keras.Model):
         terms = self._terms(y)
         if self.static_terms is not None:
             return self._jax_step(state, x, y, terms)  # Keras has jit-compiled this whole step already
+        groups = self._groups(terms)
+        if groups is not None:
+            return self._grouped_step_jax(state, x, y, *groups)
         # Eager run (the plan varies): JAX's op-by-op dispatch is very slow, so compile the step
         # per distinct plan instead (the terms are a static, hashable argument; jax caches by them).
         if getattr(self, "_jax_step_by_plan", None) is None:
@@ -221,6 +278,120 @@ class Trainer(keras.Model):
         )
         state = (new_trainable, non_trainable, new_optimizer, metrics_vars)
         return self._logs(loss, parts, lam, y, grads_ok), state
+
+    # -------------------------------------------------------------- varying plans, one compiled function per group
+    def _tf_group(self, terms: tuple[Term, ...]):
+        """The compiled ``(x, y, parents) -> (loss, parts, outputs, gradients)`` of ``terms`` (TensorFlow)."""
+        fn = self.group_functions.get(terms)
+        if fn is None:
+            import tensorflow as tf
+
+            _quiet_group_tracing(tf)
+
+            variables = self.trainable_variables
+
+            @tf.function
+            def fn(x, y, parents):
+                with tf.GradientTape() as tape:
+                    total, parts, outputs = self._group_loss(x, y, terms, parents)
+                grads = tape.gradient(total, variables)
+                # Dense gradients (an embedding's is IndexedSlices in some groups and not others), so
+                # the update function sees one signature and is traced once.
+                return total, parts, outputs, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g)
+                                               for g, v in zip(grads, variables)]
+
+            self.group_functions[terms] = fn
+        return fn
+
+    def _tf_apply(self):
+        """The compiled sum of the groups' losses and gradients, rule T4's check and the update (TensorFlow)."""
+        fn = self.group_functions.get("apply")
+        if fn is None:
+            import tensorflow as tf
+
+            variables = self.trainable_variables
+
+            @tf.function
+            def fn(losses, grad_lists):
+                loss = tf.add_n(losses)
+                grads = [tf.add_n(list(g)) for g in zip(*grad_lists)]
+                grads_ok = _all_finite(grads)
+
+                def apply():
+                    self.optimizer.apply(grads, variables)
+                    return tf.constant(True)
+
+                tf.cond(tf.logical_and(_finite(loss), grads_ok), apply, lambda: tf.constant(False))
+                return loss, grads_ok
+
+            self.group_functions["apply"] = fn
+        return fn
+
+    def _grouped_step_tf(self, x, y, fixed, varying):
+        loss, parts, outputs, grads = self._tf_group(fixed)(x, y, {})
+        parts, losses, grad_lists = dict(parts), [loss], [grads]
+        for term in varying:
+            loss_t, parts_t, _, grads_t = self._tf_group((self._one_term(term),))(x, y, {term.parent: outputs[term.parent]})
+            parts[term.name] = parts_t[_VARYING]
+            losses.append(loss_t)
+            grad_lists.append(grads_t)
+        loss, grads_ok = self._tf_apply()(losses, grad_lists)
+        return self._logs(loss, parts, y["distill"][0], y, grads_ok)
+
+    def _jax_group(self):
+        """``jit((trainable, non_trainable, x, y, terms, parents) -> (loss, parts, outputs, gradients))``."""
+        fn = self.group_functions.get("jax_group")
+        if fn is None:
+            import jax
+
+            def group(trainable, non_trainable, x, y, terms, parents):
+                def pure(values):
+                    mapping = list(zip(self.trainable_variables, values)) + list(zip(self.non_trainable_variables, non_trainable))
+                    with keras.StatelessScope(state_mapping=mapping):
+                        total, parts, outputs = self._group_loss(x, y, terms, parents)
+                    return total, (parts, outputs)
+
+                (total, (parts, outputs)), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
+                return total, parts, outputs, grads
+
+            fn = self.group_functions["jax_group"] = jax.jit(group, static_argnums=(4,))  # jax caches per terms
+        return fn
+
+    def _jax_apply(self):
+        """``jit``: the sum of the groups' losses and gradients, rule T4's check and the update (JAX)."""
+        fn = self.group_functions.get("jax_apply")
+        if fn is None:
+            import jax
+            import jax.numpy as jnp
+
+            def apply(trainable, optimizer_vars, losses, grad_lists):
+                loss = sum(losses[1:], losses[0])
+                grads = [sum(g[1:], g[0]) for g in zip(*grad_lists)]
+                grads_ok = _all_finite(grads)
+                new_trainable, new_optimizer = jax.lax.cond(
+                    jnp.logical_and(jnp.isfinite(loss), grads_ok),
+                    lambda: self.optimizer.stateless_apply(optimizer_vars, grads, trainable),
+                    lambda: (list(trainable), list(optimizer_vars)),
+                )
+                return loss, grads_ok, new_trainable, new_optimizer
+
+            fn = self.group_functions["jax_apply"] = jax.jit(apply)
+        return fn
+
+    def _grouped_step_jax(self, state, x, y, fixed, varying):
+        trainable, non_trainable, optimizer_vars, metrics_vars = state
+        group = self._jax_group()
+        loss, parts, outputs, grads = group(trainable, non_trainable, x, y, fixed, {})
+        parts, losses, grad_lists = dict(parts), [loss], [grads]
+        for term in varying:
+            loss_t, parts_t, _, grads_t = group(trainable, non_trainable, x, y, (self._one_term(term),),
+                                                {term.parent: outputs[term.parent]})
+            parts[term.name] = parts_t[_VARYING]
+            losses.append(loss_t)
+            grad_lists.append(grads_t)
+        loss, grads_ok, new_trainable, new_optimizer = self._jax_apply()(trainable, optimizer_vars, losses, grad_lists)
+        return self._logs(loss, parts, y["distill"][0], y, grads_ok), (new_trainable, non_trainable, new_optimizer,
+                                                                     metrics_vars)
 
     def _train_step_torch(self, data):
         import torch
@@ -311,6 +482,37 @@ def make_optimizer(optimizer: Any, learning_rate: float, weight_decay: float) ->
     )
 
 
+_VARYING = "_varying"  # the name of a varying term inside its own compiled group
+
+
+class _GroupTracingFilter:
+    """Drops TensorFlow's "frequent retracing" warning about matta's group functions.
+
+    Each group is its own ``tf.function``, traced once; TensorFlow counts the traces of every
+    function made from the same Python code together and warns of retracing, which here is wrong.
+    """
+
+    def filter(self, record) -> bool:
+        return "Trainer._tf_group" not in record.getMessage()
+
+
+def _quiet_group_tracing(tf) -> None:
+    logger = tf.get_logger()
+    if not any(isinstance(f, _GroupTracingFilter) for f in logger.filters):
+        logger.addFilter(_GroupTracingFilter())
+
+
+def _fixed_terms(run: TrainingRun) -> frozenset[Term]:
+    """The terms of a varying plan that every step trains: the TA and the declared Students it keeps.
+
+    ``"mixnmatch"`` trains every Student each step and ``"sandwich"`` the smallest; ``"one"`` only
+    the TA. A Student whose chain parent changes between steps is not the same :class:`Term` at
+    every step, so membership (``Term`` equality) sends it to the varying ones then.
+    """
+    keep = {TA} if run.options.sampling == "one" else {TA, *run.schedule.students}
+    return frozenset(t for t in run.schedule.plan(0, run.steps).terms if t.name in keep)
+
+
 def _static_terms(run: TrainingRun) -> Optional[tuple[Term, ...]]:
     """The terms every step trains, if they are the same at every step (see the module docstring)."""
     o = run.options
@@ -357,6 +559,7 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     if not run_eagerly and static is None:
         raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
     trainer.run_info, trainer.static_terms = run, static
+    object.__setattr__(trainer, "fixed_terms", frozenset() if static is not None else _fixed_terms(run))
     # compile() drops Keras' compiled train function. The trace depends only on the step's terms, the
     # loss options and these flags, so a later fit() with the same ones reuses it instead of tracing
     # (and, under XLA, compiling) the step again.
@@ -369,6 +572,7 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     if getattr(trainer, "_matta_compiled", None) != key:
         trainer.compile(optimizer=optimizer, run_eagerly=run_eagerly, jit_compile=kwargs.get("jit_compile", "auto"))
         object.__setattr__(trainer, "_matta_compiled", key)  # untracked by Keras
+        trainer.group_functions.clear()  # they hold the optimizer, the options and the schedule too
     if not optimizer.built:
         optimizer.build(trainer.trainable_variables)
     engine.reuse_step_memory()  # JAX on CPU: a step's scratch block would be mapped afresh every step
