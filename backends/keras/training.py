@@ -190,7 +190,7 @@ class Trainer(keras.Model):
         """
         run = self.run_info
         assert run is not None
-        if self.static_terms is not None or not self.fixed_terms or not run.options.stop_gradient:
+        if not self.fixed_terms or not run.options.stop_gradient:  # empty when every step is the same
             return None
         fixed = tuple(t for t in terms if t in self.fixed_terms)
         names = {t.name for t in fixed}
@@ -228,15 +228,20 @@ class Trainer(keras.Model):
             loss, (parts, lam) = self._loss(x, y, terms)
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+        return self._logs(loss, parts, lam, y, self._apply_if_finite_tf(loss, grads))
+
+    def _apply_if_finite_tf(self, loss, grads):
+        """Rule T4: a non-finite loss or gradient leaves weights and optimizer state untouched."""
+        import tensorflow as tf
+
         grads_ok = _all_finite(grads)
 
         def apply():
-            self.optimizer.apply(grads, variables)
+            self.optimizer.apply(grads, self.trainable_variables)
             return tf.constant(True)
 
-        # Rule T4: a non-finite loss or gradient leaves weights and optimizer state untouched.
         tf.cond(tf.logical_and(_finite(loss), grads_ok), apply, lambda: tf.constant(False))
-        return self._logs(loss, parts, lam, y, grads_ok)
+        return grads_ok
 
     def _train_step_jax(self, state, data):
         import jax
@@ -255,29 +260,38 @@ class Trainer(keras.Model):
         return self._jax_step_by_plan(state, x, y, terms)
 
     def _jax_step(self, state, x, y, terms):
-        import jax
-        import jax.numpy as jnp
-
         trainable, non_trainable, optimizer_vars, metrics_vars = state
+        loss, (parts, lam), grads = self._jax_loss_and_grads(trainable, non_trainable, lambda: self._loss(x, y, terms))
+        grads_ok, new_trainable, new_optimizer = self._apply_if_finite_jax(loss, grads, trainable, optimizer_vars)
+        state = (new_trainable, non_trainable, new_optimizer, metrics_vars)
+        return self._logs(loss, parts, lam, y, grads_ok), state
+
+    def _jax_loss_and_grads(self, trainable, non_trainable, loss_fn):
+        """``(loss, aux, gradients)`` of ``loss_fn() -> (loss, aux)`` at the given variable values (JAX)."""
+        import jax
 
         def pure(values):
             mapping = list(zip(self.trainable_variables, values)) + list(zip(self.non_trainable_variables, non_trainable))
             with keras.StatelessScope(state_mapping=mapping):
-                return self._loss(x, y, terms)
+                return loss_fn()
 
-        (loss, (parts, lam)), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
+        (loss, aux), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
+        return loss, aux, grads
+
+    def _apply_if_finite_jax(self, loss, grads, trainable, optimizer_vars):
+        """Rule T4: ``(grads_ok, weights, optimizer state)``, the old ones after a non-finite loss or gradient."""
+        import jax
+        import jax.numpy as jnp
+
         grads_ok = _all_finite(grads)
-        ok = jnp.logical_and(jnp.isfinite(loss), grads_ok)
-        # Rule T4: a bad step keeps the old weights and optimizer state. A branch rather than an
-        # elementwise jnp.where over every weight and moment: the select pass cost the MLP
-        # benchmark's step about 0.06 s (0.23 s -> 0.17 s for the TA alone on one CPU thread).
+        # A branch rather than an elementwise jnp.where over every weight and moment: the select pass
+        # cost the MLP benchmark's step about 0.06 s (0.23 s -> 0.17 s for the TA alone on one CPU thread).
         new_trainable, new_optimizer = jax.lax.cond(
-            ok,
+            jnp.logical_and(jnp.isfinite(loss), grads_ok),
             lambda: self.optimizer.stateless_apply(optimizer_vars, grads, trainable),
             lambda: (list(trainable), list(optimizer_vars)),
         )
-        state = (new_trainable, non_trainable, new_optimizer, metrics_vars)
-        return self._logs(loss, parts, lam, y, grads_ok), state
+        return grads_ok, new_trainable, new_optimizer
 
     # -------------------------------------------------------------- varying plans, one compiled function per group
     def _tf_group(self, terms: tuple[Term, ...]):
@@ -309,32 +323,31 @@ class Trainer(keras.Model):
         if fn is None:
             import tensorflow as tf
 
-            variables = self.trainable_variables
-
             @tf.function
             def fn(losses, grad_lists):
                 loss = tf.add_n(losses)
-                grads = [tf.add_n(list(g)) for g in zip(*grad_lists)]
-                grads_ok = _all_finite(grads)
-
-                def apply():
-                    self.optimizer.apply(grads, variables)
-                    return tf.constant(True)
-
-                tf.cond(tf.logical_and(_finite(loss), grads_ok), apply, lambda: tf.constant(False))
-                return loss, grads_ok
+                return loss, self._apply_if_finite_tf(loss, [tf.add_n(list(g)) for g in zip(*grad_lists)])
 
             self.group_functions["apply"] = fn
         return fn
 
-    def _grouped_step_tf(self, x, y, fixed, varying):
-        loss, parts, outputs, grads = self._tf_group(fixed)(x, y, {})
+    def _run_groups(self, run_group, fixed, varying):
+        """``(parts, losses, gradient lists)`` of the every-step group, then of each varying term.
+
+        ``run_group(terms, parents) -> (loss, parts, outputs, gradients)`` is the engine's compiled group.
+        """
+        loss, parts, outputs, grads = run_group(fixed, {})
         parts, losses, grad_lists = dict(parts), [loss], [grads]
         for term in varying:
-            loss_t, parts_t, _, grads_t = self._tf_group((self._one_term(term),))(x, y, {term.parent: outputs[term.parent]})
+            loss_t, parts_t, _, grads_t = run_group((self._one_term(term),), {term.parent: outputs[term.parent]})
             parts[term.name] = parts_t[_VARYING]
             losses.append(loss_t)
             grad_lists.append(grads_t)
+        return parts, losses, grad_lists
+
+    def _grouped_step_tf(self, x, y, fixed, varying):
+        parts, losses, grad_lists = self._run_groups(lambda terms, parents: self._tf_group(terms)(x, y, parents),
+                                                     fixed, varying)
         loss, grads_ok = self._tf_apply()(losses, grad_lists)
         return self._logs(loss, parts, y["distill"][0], y, grads_ok)
 
@@ -345,13 +358,11 @@ class Trainer(keras.Model):
             import jax
 
             def group(trainable, non_trainable, x, y, terms, parents):
-                def pure(values):
-                    mapping = list(zip(self.trainable_variables, values)) + list(zip(self.non_trainable_variables, non_trainable))
-                    with keras.StatelessScope(state_mapping=mapping):
-                        total, parts, outputs = self._group_loss(x, y, terms, parents)
+                def loss_fn():
+                    total, parts, outputs = self._group_loss(x, y, terms, parents)
                     return total, (parts, outputs)
 
-                (total, (parts, outputs)), grads = jax.value_and_grad(pure, has_aux=True)(trainable)
+                total, (parts, outputs), grads = self._jax_loss_and_grads(trainable, non_trainable, loss_fn)
                 return total, parts, outputs, grads
 
             fn = self.group_functions["jax_group"] = jax.jit(group, static_argnums=(4,))  # jax caches per terms
@@ -362,18 +373,11 @@ class Trainer(keras.Model):
         fn = self.group_functions.get("jax_apply")
         if fn is None:
             import jax
-            import jax.numpy as jnp
 
             def apply(trainable, optimizer_vars, losses, grad_lists):
                 loss = sum(losses[1:], losses[0])
                 grads = [sum(g[1:], g[0]) for g in zip(*grad_lists)]
-                grads_ok = _all_finite(grads)
-                new_trainable, new_optimizer = jax.lax.cond(
-                    jnp.logical_and(jnp.isfinite(loss), grads_ok),
-                    lambda: self.optimizer.stateless_apply(optimizer_vars, grads, trainable),
-                    lambda: (list(trainable), list(optimizer_vars)),
-                )
-                return loss, grads_ok, new_trainable, new_optimizer
+                return (loss, *self._apply_if_finite_jax(loss, grads, trainable, optimizer_vars))
 
             fn = self.group_functions["jax_apply"] = jax.jit(apply)
         return fn
@@ -381,14 +385,8 @@ class Trainer(keras.Model):
     def _grouped_step_jax(self, state, x, y, fixed, varying):
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         group = self._jax_group()
-        loss, parts, outputs, grads = group(trainable, non_trainable, x, y, fixed, {})
-        parts, losses, grad_lists = dict(parts), [loss], [grads]
-        for term in varying:
-            loss_t, parts_t, _, grads_t = group(trainable, non_trainable, x, y, (self._one_term(term),),
-                                                {term.parent: outputs[term.parent]})
-            parts[term.name] = parts_t[_VARYING]
-            losses.append(loss_t)
-            grad_lists.append(grads_t)
+        parts, losses, grad_lists = self._run_groups(
+            lambda terms, parents: group(trainable, non_trainable, x, y, terms, parents), fixed, varying)
         loss, grads_ok, new_trainable, new_optimizer = self._jax_apply()(trainable, optimizer_vars, losses, grad_lists)
         return self._logs(loss, parts, y["distill"][0], y, grads_ok), (new_trainable, non_trainable, new_optimizer,
                                                                      metrics_vars)
