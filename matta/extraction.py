@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from matta.nesting import GranularityLike, resolve, slice_plan, sub_spec
+from matta.nesting import GranularityLike, plan, resolve
 from matta.specs import Spec
 from matta.weights import check_weights
 
@@ -39,5 +39,5 @@ def extract(
     """
     weights = check_weights(spec, weights)
     g = resolve(spec, granularity)
-    sub_weights = {sub: np.array(weights[name][slices], copy=True, order="C") for sub, name, slices in slice_plan(spec, g)}
-    return sub_spec(spec, g), sub_weights
+    p = plan(spec, g)
+    return p.spec, p.read(weights, lambda w, r: np.array(w[r.slices], copy=True, order="C"))

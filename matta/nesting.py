@@ -16,9 +16,10 @@ nested sub-network.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 import numpy as np
 
@@ -35,6 +36,11 @@ __all__ = [
     "check_chain",
     "sub_spec",
     "slice_plan",
+    "Read",
+    "Plan",
+    "plan",
+    "SharedFirstLayer",
+    "shared_first_layer",
     "num_params",
     "round_size",
     "sample_between",
@@ -337,10 +343,73 @@ def slice_plan(spec: Spec, g: Granularity) -> Iterator[tuple[str, str, tuple[sli
     """Rules S1 and D2: ``(sub-network name, full name, slices)`` for every sub-network parameter.
 
     Kept blocks are renumbered ``0..n-1`` in order (rule D2), so the sub-network's
-    names are exactly :meth:`sub_spec`'s parameter names.
+    names are exactly :meth:`sub_spec`'s parameter names. The same reads as :func:`plan`.
+    """
+    for r in plan(spec, g).reads:
+        yield r.name, r.source, r.slices
+
+
+W = TypeVar("W")
+
+
+@dataclass(frozen=True)
+class Read:
+    """One parameter of a sub-network: where it comes from and which prefix it reads (rule S1).
+
+    Attributes:
+        name: the sub-network's parameter name (kept blocks renumbered, rule D2).
+        source: the full model's parameter name it is read from.
+        slices: the prefix of every axis, in rule P2 layout (``slice(None)`` keeps an axis whole).
+        shape: the sub-network parameter's shape.
+        whole: True when the read is the whole source parameter (no slicing needed).
+    """
+
+    name: str
+    source: str
+    slices: tuple[slice, ...]
+    shape: tuple[int, ...]
+    whole: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The slice plan of one granularity: the sub-network's spec and how each of its weights is read.
+
+    This is the only place slice bounds are computed. A backend's nested forward is its plain
+    functional forward of :attr:`spec` over the weights :meth:`read` gives, so the nested
+    sub-network and the extracted model run the same function on the same values.
+
+    Attributes:
+        spec: the sub-network's spec (:func:`sub_spec`): every size a forward pass needs.
+        granularity: the resolved granularity the plan is for.
+        reads: one :class:`Read` per parameter of :attr:`spec`, in ``spec.parameters()`` order.
+    """
+
+    spec: Spec
+    granularity: Granularity
+    reads: tuple[Read, ...]
+
+    def read(self, weights: Mapping[str, W], take: Callable[[W, Read], W]) -> dict[str, W]:
+        """``{sub-network name: take(weights[source], read)}`` for every read.
+
+        Args:
+            weights: the full model's weights in any array type, keyed by spec name.
+            take: how the backend executes one read (e.g. ``lambda w, r: w[r.slices]``).
+        """
+        return {r.name: take(weights[r.source], r) for r in self.reads}
+
+
+@functools.lru_cache(maxsize=1024)
+def plan(spec: Spec, g: Granularity) -> Plan:
+    """Rules S1, D1 and D2: the :class:`Plan` of the sub-network of ``spec`` at ``g`` (cached).
+
+    Args:
+        spec: the full model's spec.
+        g: a resolved granularity of ``spec`` (see :func:`resolve`).
     """
     sizes = g.as_dict()
     renumber = {old: new for new, old in enumerate(g.blocks)}
+    reads = []
     for name, param in spec.parameters().items():
         if name.startswith("blocks."):
             _, index, rest = name.split(".", 2)
@@ -349,7 +418,44 @@ def slice_plan(spec: Spec, g: Granularity) -> Iterator[tuple[str, str, tuple[sli
             sub_name = f"blocks.{renumber[int(index)]}.{rest}"
         else:
             sub_name = name
-        yield sub_name, name, _axis_slices(param, sizes)
+        slices = _axis_slices(param, sizes)
+        shape = tuple(len(range(*s.indices(n))) for s, n in zip(slices, param.shape))
+        reads.append(Read(sub_name, name, slices, shape, shape == param.shape))
+    sub = sub_spec(spec, g)
+    assert [r.name for r in reads] == list(sub.parameters()), "a plan reads exactly the sub-network's parameters"
+    return Plan(sub, g, tuple(reads))
+
+
+@dataclass(frozen=True)
+class SharedFirstLayer:
+    """An MLP's first layer computed once for several granularities (see :func:`shared_first_layer`).
+
+    Attributes:
+        kernel: the read of ``layers.0.kernel`` at the widest first hidden width.
+        bias: the read of ``layers.0.bias`` at that width.
+        columns: per granularity, in order, the column prefix of the shared first hidden layer
+            that is its own first hidden layer (``slice(None)`` for the widest).
+    """
+
+    kernel: Read
+    bias: Read
+    columns: tuple[slice, ...]
+
+
+def shared_first_layer(spec: MLP, granularities: Sequence[Granularity]) -> SharedFirstLayer:
+    """Rule S1 for several MLP sub-networks on one input: the first layer is a prefix of the widest one.
+
+    Every granularity's first layer reads the columns ``[0:k]`` of ``layers.0`` over the same
+    full-width input, so ``activation(x @ W0[:, :n] + b0[:n])`` at the widest ``n`` holds each
+    one's first hidden layer as its first ``k`` columns (the activation is elementwise).
+    """
+    assert isinstance(spec, MLP) and granularities, "shared_first_layer is for one or more MLP granularities"
+    plans = [plan(spec, g) for g in granularities]
+    widest = max(plans, key=lambda p: p.spec.hidden[0])
+    reads = {r.name: r for r in widest.reads}
+    n = widest.spec.hidden[0]
+    columns = tuple(slice(None) if p.spec.hidden[0] == n else slice(0, p.spec.hidden[0]) for p in plans)
+    return SharedFirstLayer(reads["layers.0.kernel"], reads["layers.0.bias"], columns)
 
 
 def num_params(spec: Spec, g: Granularity) -> int:

@@ -1,7 +1,7 @@
 """The numpy reference forward pass: the executable form of the slicing rules.
 
 ``forward(spec, weights, x, granularity)`` is, by construction, the plain model
-of ``sub_spec(spec, g)`` applied to the weights sliced by ``slice_plan`` (rule
+of the core's plan for ``(spec, g)`` applied to the weights it reads (rule
 S1). Every backend's nested forward and every extracted model is judged against
 it in ``spec_tests``. It favours clarity over speed.
 """
@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from matta.inputs import check_x
-from matta.nesting import GranularityLike, resolve, slice_plan, sub_spec
+from matta.nesting import GranularityLike, plan, resolve
 from matta.specs import MLP, Spec, Transformer
 from matta.weights import check_weights
 
@@ -105,5 +105,5 @@ def forward(spec: Spec, weights: Mapping[str, np.ndarray], x: np.ndarray, granul
     g = resolve(spec, granularity)
     # Contiguous copies: numpy's matmul takes another code path for strided views, and the
     # reference must give the same bits as the plain model of the extracted weights.
-    sliced = {sub: np.ascontiguousarray(weights[name][slices]) for sub, name, slices in slice_plan(spec, g)}
-    return plain_forward(sub_spec(spec, g), sliced, x)
+    p = plan(spec, g)
+    return plain_forward(p.spec, p.read(weights, lambda w, r: np.ascontiguousarray(w[r.slices])), x)

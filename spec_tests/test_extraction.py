@@ -13,14 +13,16 @@ from matta.nesting import (
     full,
     is_nested,
     num_params,
+    plan,
     relative_to,
     resolve,
     round_size,
+    shared_first_layer,
     sub_spec,
 )
 from matta.specs import MLP, spec_from_dict
 from spec_tests.assertions import assert_bitwise_equal, assert_weights_equal, context
-from spec_tests.strategies import granularities, granularity_forms, inputs_for, nested_pairs, specs, weights_for
+from spec_tests.strategies import granularities, granularity_forms, inputs_for, mlps, nested_pairs, specs, weights_for
 
 
 @given(spec=specs(), seed=st.integers(0, 2**16))
@@ -152,3 +154,31 @@ def test_relative_to_renumbers_kept_blocks():
     assert rel.blocks == (1,)
     assert rel.as_dict() == {"d_model": 4, "blocks.0.n_heads": 0, "blocks.0.d_ff": 0, "blocks.1.n_heads": 2, "blocks.1.d_ff": 4}
     assert isinstance(rel, Granularity)
+
+
+@given(data=st.data(), spec=specs(), seed=st.integers(0, 2**16))
+def test_the_plan_reads_exactly_the_sub_networks_parameters(data, spec, seed):
+    """Rule S1: each read's slice of its source has the sub-network parameter's shape; ``whole`` is exact."""
+    g = data.draw(granularities(spec))
+    p = plan(spec, g)
+    weights = weights_for(spec, seed)
+    params = p.spec.parameters()
+    assert p.spec == sub_spec(spec, g) and [r.name for r in p.reads] == list(params)
+    for r in p.reads:
+        assert weights[r.source][r.slices].shape == r.shape == params[r.name].shape, r
+        assert r.whole == (r.shape == weights[r.source].shape), r
+    assert plan(spec, g) is p, "plans are cached per (spec, granularity)"
+
+
+@given(data=st.data(), spec=mlps(), seed=st.integers(0, 2**16))
+def test_the_shared_first_layer_holds_every_granularitys_first_layer(data, spec, seed):
+    """Rule S1 for several MLP sub-networks on one input: the widest first layer's column prefixes."""
+    gs = [data.draw(granularities(spec)) for _ in range(data.draw(st.integers(1, 3)))]
+    weights = weights_for(spec, seed)
+    x = inputs_for(spec, seed, 3)
+    shared = shared_first_layer(spec, gs)
+    h = x @ weights["layers.0.kernel"][shared.kernel.slices] + weights["layers.0.bias"][shared.bias.slices]
+    for g, columns in zip(gs, shared.columns):
+        own = {r.name: weights[r.source][r.slices] for r in plan(spec, g).reads}
+        np.testing.assert_allclose(h[:, columns], x @ own["layers.0.kernel"] + own["layers.0.bias"], rtol=1e-12)
+        assert (columns == slice(None)) == (h[:, columns].shape[1] == h.shape[1])
