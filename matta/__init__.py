@@ -14,6 +14,7 @@ from matta.errors import (
     NestingError,
     NonFiniteLossError,
     OptionError,
+    SaveError,
     SpecError,
 )
 from matta.extraction import extract
@@ -46,4 +47,5 @@ __all__ = [
     "BackendError",
     "NonFiniteLossError",
     "FormatError",
+    "SaveError",
 ]

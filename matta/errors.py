@@ -21,6 +21,7 @@ __all__ = [
     "BackendError",
     "NonFiniteLossError",
     "FormatError",
+    "SaveError",
 ]
 
 
@@ -61,7 +62,11 @@ class NonFiniteLossError(MattaError, FloatingPointError):
 
 
 class FormatError(MattaError, ValueError):
-    """A saved model folder is missing a file or holds an unknown format."""
+    """A saved folder is missing a file, or holds a damaged, hostile or inconsistent one (rule E6)."""
+
+
+class SaveError(MattaError, OSError):
+    """A save could not be made (a full disk, a target that is not a matta save); the old save is unchanged (rule E6)."""
 
 
 def describe(values: Iterable[Any]) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -24,16 +24,28 @@ def _array(name: str, value: Any) -> np.ndarray:
     return array
 
 
-def check_x(spec: Spec, x: Any) -> np.ndarray:
-    """MLP: float features ``(batch, d_in)``. Transformer: int token ids ``(batch, time)``, ``time <= max_len``."""
+def check_x(spec: Spec, x: Any, dtype: Optional[str] = None) -> np.ndarray:
+    """MLP: float features ``(batch, d_in)``. Transformer: int token ids ``(batch, time)``, ``time <= max_len``.
+
+    Args:
+        spec: the model's spec.
+        x: the inputs.
+        dtype: the model's dtype; MLP float features are cast to it first and
+            must be finite after the cast (float64 ``1e300`` is Inf in float32).
+    """
     x = _array("x", x)
     if isinstance(spec, MLP):
         if x.ndim != 2 or x.shape[1] != spec.d_in:
             raise InputError(f"x must have shape (batch, d_in={spec.d_in}); got {x.shape}")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise InputTypeError(f"x must hold real numbers; got dtype {x.dtype}")
-        if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
-            raise InputError("x must be finite; it holds NaN or Inf")
+        if np.issubdtype(x.dtype, np.floating):
+            if dtype is not None:
+                with np.errstate(over="ignore"):  # an overflow becomes Inf, refused just below
+                    x = x.astype(dtype, copy=False)
+            if not np.all(np.isfinite(x)):
+                where = "" if dtype is None else f" as {dtype}, the model's dtype (larger values become Inf)"
+                raise InputError(f"x must be finite{where}; it holds NaN or Inf")
         return x
     assert isinstance(spec, Transformer)
     if x.ndim != 2 or not 1 <= x.shape[1] <= spec.max_len:

@@ -9,7 +9,9 @@ import numpy as np
 
 from matta import saving
 from matta.backend import Backend, get_backend
-from matta.errors import GranularityError, InputError, InputTypeError, OptionError, choice, describe, integer
+from matta.errors import (
+    FormatError, GranularityError, InputError, InputTypeError, MattaError, OptionError, choice, describe, integer,
+)
 from matta.extraction import extract
 from matta.inputs import check_same_length, check_teacher_output, check_x, check_y
 from matta.losses import TA, LossOptions, NumpyOps, Schedule
@@ -88,9 +90,7 @@ class MatTA:
                 raise GranularityError(f"student names must be non-empty strings other than {TA!r}; got {name!r}")
             self.students[name] = resolve(self.spec, g)
         self.schedule = Schedule(self.spec, self.students, self.options, self.seed)  # checks rule N1
-        for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise OptionError(f"{name} must be a number >= 0; got {value!r}")
+        _check_rates(learning_rate, weight_decay)
         choice("learning_rate_schedule", learning_rate_schedule, LEARNING_RATE_SCHEDULES)
         integer("warmup_steps", warmup_steps, 0)
         self.learning_rate_schedule = learning_rate_schedule
@@ -185,7 +185,7 @@ class MatTA:
         Raises:
             NonFiniteLossError: the loss became NaN/Inf; the weights are those of the last good step.
         """
-        x = check_x(self.spec, x)
+        x = check_x(self.spec, x, self.dtype)
         y = check_y(self.spec, y, self.options.task)
         n = check_same_length(x=x, y=y)
         if isinstance(self.spec, Transformer) and y.shape != x.shape:
@@ -207,7 +207,7 @@ class MatTA:
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise InputError("validation_data must be a tuple (x_val, y_val)")
-            x_val = check_x(self.spec, validation_data[0])
+            x_val = check_x(self.spec, validation_data[0], self.dtype)
             y_val = check_y(self.spec, validation_data[1], self.options.task)
             on_epoch_end = lambda epoch: self.evaluate(x_val, y_val)  # noqa: E731
         run = TrainingRun(
@@ -232,7 +232,7 @@ class MatTA:
             MLP: ``(n, d_out)`` logits or predictions; Transformer: ``(n, time, vocab)`` logits.
         """
         g = self.granularity(granularity)
-        x = check_x(self.spec, x)
+        x = check_x(self.spec, x, self.dtype)
         return self.backend.forward(self.model, x, g)
 
     def evaluate(
@@ -245,7 +245,7 @@ class MatTA:
             nats) and ``accuracy``, plus ``bits_per_token`` for the Transformer;
             regression ``mse`` and ``mae``.
         """
-        x = check_x(self.spec, x)
+        x = check_x(self.spec, x, self.dtype)
         y = check_y(self.spec, y, self.options.task)
         check_same_length(x=x, y=y)
         names = [TA, *self.students] if granularities is None else granularities
@@ -263,6 +263,117 @@ class MatTA:
         name = granularity if isinstance(granularity, str) else None
         info = {"source": {"name": name, "granularity": g.to_dict(self.spec), "spec": self.spec.to_dict()}}
         return Extracted(sub_spec, sub_weights, self.backend, device=self.device, info=info)
+
+
+    # ------------------------------------------------------------------ saving
+    def save(self, directory: str, *, overwrite: bool = False) -> list[str]:
+        """Saves the whole MatTA atomically: ``model.json`` and the TA's ``weights.safetensors`` (rule E6).
+
+        ``model.json`` holds the spec, the Students, the loss options and every
+        constructor option :meth:`load` needs to rebuild the same MatTA (and the
+        number of ``fit()`` calls so far, which seeds the next one). An optimizer
+        object is code, so it is not saved: a string optimizer name is, and
+        :meth:`load` takes ``optimizer=`` for any other. Optimizer state is not
+        part of this format.
+
+        Args:
+            directory: the save's folder.
+            overwrite: replace ``directory`` even if it is not a matta save.
+
+        Returns:
+            The file names of the save (all but ``manifest.json``).
+
+        Raises:
+            SaveError: ``directory`` is not a matta save (and ``overwrite`` is false), or writing failed.
+        """
+        named = self.optimizer is None or isinstance(self.optimizer, str)
+        config = {
+            "format": saving.MODEL_FORMAT,
+            "spec": self.spec.to_dict(),
+            "students": {name: g.to_dict(self.spec) for name, g in self.students.items()},
+            "loss_options": {name: getattr(self.options, name) for name in LossOptions.names()},
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "learning_rate_schedule": self.learning_rate_schedule,
+            "warmup_steps": self.warmup_steps,
+            "fits": [int(n) for n in getattr(self, "_fits", [])],
+            "backend": self.backend.name,
+            "optimizer": self.optimizer if named else None,
+            "custom_optimizer": not named,
+        }
+        weights = self.weights
+        with saving.atomic_save(directory, kind=saving.MODEL_FORMAT, overwrite=overwrite) as folder:
+            saving.write_model(folder, config, weights)
+        return folder.files
+
+    @classmethod
+    def load(
+        cls,
+        directory: str,
+        backend: Union[str, Backend] = "torch",
+        *,
+        device: Optional[str] = None,
+        optimizer: Any = None,
+        verify: bool = True,
+        allow_nonfinite: bool = False,
+    ) -> "MatTA":
+        """Rebuilds a MatTA saved by :meth:`save`, on any backend.
+
+        Args:
+            directory: the save's folder.
+            backend: the backend to build it on (any: weights are framework-neutral).
+            device: backend device string.
+            optimizer: the optimizer for later ``fit()`` calls; default: the saved
+                optimizer name when loading into the backend it was saved from, else AdamW.
+            verify: check every file's size and SHA-256 against ``manifest.json``.
+            allow_nonfinite: accept weights holding NaN or Inf.
+
+        Raises:
+            FormatError: a missing, damaged, hostile or inconsistent file; nothing is built then.
+        """
+        backend = get_backend(backend)
+        spec, config, weights = saving.read_model(directory, verify=verify, allow_nonfinite=allow_nonfinite)
+        try:
+            students, kwargs, fits = _saved_options(spec, config, next(iter(weights.values())).dtype.name)
+        except (MattaError, TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise FormatError(f"{directory!r}: {saving.MODEL_FILE} does not describe a valid MatTA: {exc}") from None
+        if optimizer is None and config.get("backend") == backend.name and isinstance(config.get("optimizer"), str):
+            optimizer = config["optimizer"]
+        model = cls(spec, students, backend, device=device, optimizer=optimizer, _weights=weights, **kwargs)
+        model._fits = fits
+        return model
+
+
+def _saved_options(spec: Spec, config: Mapping[str, Any], dtype: str) -> tuple[dict[str, Granularity], dict[str, Any], list[int]]:
+    """Checks a saved ``model.json`` with the checks :class:`MatTA` makes: ``(students, options, fits)``."""
+    students = config.get("students")
+    if not isinstance(students, dict):
+        raise OptionError(f"students must be an object of name -> granularity; got {type(students).__name__}")
+    resolved = {}
+    for name, g in students.items():
+        if not isinstance(name, str) or not name or name == TA:
+            raise GranularityError(f"student names must be non-empty strings other than {TA!r}; got {name!r}")
+        resolved[name] = resolve(spec, g)
+    loss_options = config.get("loss_options")
+    if not isinstance(loss_options, dict) or not set(loss_options) <= set(LossOptions.names()):
+        raise OptionError(f"loss_options must be an object with keys from {list(LossOptions.names())}")
+    options = LossOptions(**loss_options)
+    seed = integer("seed", config.get("seed"), 0)
+    Schedule(spec, resolved, options, seed)  # rule N1
+    if config.get("dtype") != dtype:
+        raise OptionError(f"dtype is {config.get('dtype')!r}; the weights are {dtype!r}")
+    _check_rates(config.get("learning_rate"), config.get("weight_decay"))
+    choice("learning_rate_schedule", config.get("learning_rate_schedule"), LEARNING_RATE_SCHEDULES)
+    integer("warmup_steps", config.get("warmup_steps"), 0)
+    fits = config.get("fits")
+    if not isinstance(fits, list):
+        raise OptionError(f"fits must be a list of step counts; got {type(fits).__name__}")
+    fits = [integer("fits[]", n, 1) for n in fits]
+    kwargs = {name: config[name] for name in ("seed", "dtype", "learning_rate", "weight_decay",
+                                              "learning_rate_schedule", "warmup_steps")}
+    return resolved, {**kwargs, **loss_options}, fits
 
 
 class Extracted:
@@ -286,6 +397,7 @@ class Extracted:
     ):
         self.spec = check_spec(spec)
         self.weights = check_weights(spec, weights)
+        self.dtype = next(iter(self.weights.values())).dtype.name
         self.backend = get_backend(backend)
         self.info = dict(info or {})
         self.model = self.backend.build_plain(self.spec, self.weights, device=device)
@@ -297,31 +409,71 @@ class Extracted:
 
     def predict(self, x: Any) -> np.ndarray:
         """The plain model's output on ``x``."""
-        return self.backend.plain_forward(self.model, check_x(self.spec, x))
+        return self.backend.plain_forward(self.model, check_x(self.spec, x, self.dtype))
 
     def evaluate(self, x: Any, y: Any, task: str = "classification") -> dict[str, float]:
         """Metrics as in :meth:`MatTA.evaluate`."""
         y = check_y(self.spec, y, task)
         return metrics(self.spec, task, self.predict(x), y)
 
-    def save(self, directory: str) -> list[str]:
-        """Saves ``spec.json`` + ``weights.safetensors`` and the backend's native file.
+    def save(self, directory: str, *, overwrite: bool = False) -> list[str]:
+        """Saves ``spec.json`` + ``weights.safetensors`` and the backend's native file, atomically (rules E5, E6).
+
+        All files, ``manifest.json`` with their checksums included, are written
+        into a temporary folder that replaces ``directory`` in one step: the
+        folder holds the complete old save or the complete new one, never a mix.
+
+        Args:
+            directory: the save's folder.
+            overwrite: replace ``directory`` even if it is not a matta save.
 
         Returns:
-            The file names written into ``directory``.
+            The file names of the save (all but ``manifest.json``).
+
+        Raises:
+            SaveError: ``directory`` is not a matta save (and ``overwrite`` is false), or writing failed.
         """
-        files = saving.write(directory, self.spec, self.weights, {"backend": self.backend.name, **self.info})
-        return files + list(self.backend.export(self.model, self.spec, directory))
+        with saving.atomic_save(directory, kind=saving.FORMAT, overwrite=overwrite) as folder:
+            saving.write_extracted(folder, self.spec, self.weights, {"backend": self.backend.name, **self.info})
+            self.backend.export(self.model, self.spec, folder.path)
+        return folder.files
 
     def __repr__(self) -> str:
         return f"Extracted({type(self.spec).__name__}, num_params={self.num_params}, backend={self.backend.name!r})"
 
 
-def load(directory: str, backend: Union[str, Backend] = "torch", device: Optional[str] = None) -> Extracted:
-    """Loads a folder written by :meth:`Extracted.save` into any backend (safetensors + JSON; no pickle)."""
-    spec, weights, meta = saving.read(directory)
+def load(
+    directory: str,
+    backend: Union[str, Backend] = "torch",
+    device: Optional[str] = None,
+    *,
+    verify: bool = True,
+    allow_nonfinite: bool = False,
+) -> Extracted:
+    """Loads a folder written by :meth:`Extracted.save` into any backend (safetensors + JSON; no pickle).
+
+    Args:
+        directory: the save's folder.
+        backend: the backend to build the model on.
+        device: backend device string.
+        verify: check every file's size and SHA-256 against ``manifest.json`` (rule E6).
+        allow_nonfinite: accept weights holding NaN or Inf.
+
+    Raises:
+        FormatError: a missing, damaged or hostile file; nothing is built then.
+    """
+    backend = get_backend(backend)
+    spec, weights, meta = saving.read(directory, verify=verify, allow_nonfinite=allow_nonfinite)
     info = {k: v for k, v in meta.items() if k == "source"}
     return Extracted(spec, weights, backend, device=device, info=info)
+
+
+def _check_rates(learning_rate: Any, weight_decay: Any) -> None:
+    """``learning_rate`` must be a finite number > 0 and ``weight_decay`` a finite number >= 0."""
+    for name, value, low in (("learning_rate", learning_rate, "> 0"), ("weight_decay", weight_decay, ">= 0")):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not (isinstance(value, int) or math.isfinite(value)) or value < 0 or (value == 0 and name == "learning_rate")):
+            raise OptionError(f"{name} must be a finite number {low}; got {value!r}")
 
 
 def metrics(spec: Spec, task: str, outputs: np.ndarray, y: np.ndarray) -> dict[str, float]:

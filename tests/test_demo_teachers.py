@@ -27,7 +27,7 @@ def test_teacher_is_cached_without_pickle_and_reused(tmp_path, smoke):
     first, info = get_teacher(cfg, ds, "torch", str(tmp_path), progress=False, log=lambda m: None)
     assert info["cached"] is False
     folder = info["path"]
-    assert sorted(os.listdir(folder)) == ["spec.json", "teacher.json", "weights.safetensors"]
+    assert sorted(os.listdir(folder)) == ["manifest.json", "spec.json", "teacher.json", "weights.safetensors"]
     again, info2 = get_teacher(cfg, ds, "torch", str(tmp_path), progress=False, log=lambda m: None)
     assert info2["cached"] is True and info2["key"] == info["key"] and info2["path"] == folder
     for k, v in first.weights.items():

@@ -2,9 +2,11 @@
 
 A cached Teacher is the framework-neutral saved format (``spec.json`` +
 ``weights.safetensors``, no pickle) plus ``teacher.json`` holding the cache key
-and its training facts. The key hashes everything that decides the Teacher's
-weights (recipe, data, backend, seed), so a changed recipe never reuses a stale
-Teacher, and a rerun with the same recipe reuses it.
+and its training facts, written as one atomic save with a checksum manifest
+(rule E6); a cached folder that fails its checks is trained again. The key
+hashes everything that decides the Teacher's weights (recipe, data, backend,
+seed), so a changed recipe never reuses a stale Teacher, and a rerun with the
+same recipe reuses it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -88,13 +88,16 @@ def get_teacher(
 
     key = teacher_key(cfg, data, backend, seed)
     path = os.path.join(cache_dir, f"{cfg.task}-{key}") if cache_dir else None
-    if path and os.path.isfile(os.path.join(path, TEACHER_FILE)):
-        with open(os.path.join(path, TEACHER_FILE)) as f:
-            meta = json.load(f)
-        if meta.get("key") != key:
-            raise FormatError(f"{path} holds a Teacher with key {meta.get('key')!r}, expected {key!r}")
-        log(f"[{cfg.task}] Teacher: reusing the cached one in {path}")
-        return load(path, backend=backend), {**meta, "cached": True, "path": path}
+    if path and os.path.lexists(path):
+        try:
+            meta = saving.open_save(path).read_json(TEACHER_FILE)
+            if meta.get("key") != key:
+                raise FormatError(f"{path} holds a Teacher with key {meta.get('key')!r}, expected {key!r}")
+            teacher = load(path, backend=backend)
+            log(f"[{cfg.task}] Teacher: reusing the cached one in {path}")
+            return teacher, {**meta, "cached": True, "path": path}
+        except FormatError as exc:
+            log(f"[{cfg.task}] Teacher: the cached one in {path} is unusable ({exc}); training it again")
 
     log(f"[{cfg.task}] Teacher: training {spec_of(cfg, 'teacher').num_params:,} parameters for {cfg.teacher_steps} steps")
     start = time.perf_counter()
@@ -108,19 +111,10 @@ def get_teacher(
     meta = {"key": key, "recipe": RECIPE, "task": cfg.task, "backend": backend, "seed": seed,
             "train_seconds": time.perf_counter() - start}
     if path:
-        # Written into a temporary folder and renamed, so an interrupted run never leaves a half Teacher.
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
-        try:
-            saving.write(tmp, teacher.spec, teacher.weights, {"teacher": meta})
-            with open(os.path.join(tmp, TEACHER_FILE), "w") as f:
-                json.dump(meta, f, indent=2, sort_keys=True)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp)
+        # One atomic save (rule E6): an interrupted run never leaves a half Teacher, and a damaged one is replaced.
+        with saving.atomic_save(path, kind=saving.FORMAT, overwrite=True) as folder:
+            saving.write_extracted(folder, teacher.spec, teacher.weights, {"teacher": meta})
+            folder.write_json(TEACHER_FILE, meta)
     return teacher, {**meta, "cached": False, "path": path}
 
 
