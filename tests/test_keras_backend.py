@@ -497,3 +497,17 @@ def test_a_jax_step_reuses_its_scratch_memory_instead_of_faulting_it_in_every_st
     # glibc's own policy maps the block afresh on every call: a fault per page of it.
     assert untouched["faults"] > 0.9 * tuned["scratch"] / page, untouched
     assert tuned["faults"] < 0.05 * tuned["scratch"] / page, tuned
+
+
+def test_a_whole_matta_saved_on_torch_or_numpy_loads_on_keras(tmp_path):
+    """Rule E6: MatTA.save is framework-neutral; a good save loads on Keras and back."""
+    for source in ("torch", "numpy"):
+        model = MatTA(MLP_SPEC, students={"S": 0.25, "M": 0.5}, backend=source, seed=6, temperature=3.0)
+        model.save(str(tmp_path / source))
+        loaded = MatTA.load(str(tmp_path / source), backend="keras")
+        x, _ = _data(MLP_SPEC, 4)
+        assert loaded.students == model.students and loaded.options == model.options
+        assert_close(loaded.predict(x, "S"), model.predict(x, "S"), "float32", f"{source} MatTA → keras")
+    loaded.save(str(tmp_path / "k"))
+    back = MatTA.load(str(tmp_path / "k"), backend="numpy")
+    assert all(np.array_equal(back.weights[k], v) for k, v in model.weights.items())
