@@ -121,12 +121,12 @@ class _Graph:
         return self.op(op_type, [x], prefix)
 
     def layer_norm(self, x: str, prefix: str, epsilon: float) -> str:
-        """Rule S3: LayerNorm over the last axis with the (sliced) scale and offset."""
-        stash = self.onnx.TensorProto.DOUBLE if self.dtype == np.float64 else self.onnx.TensorProto.FLOAT
-        return self.op(
-            "LayerNormalization", [x, f"{prefix}.scale", f"{prefix}.offset"], prefix,
-            axis=-1, epsilon=float(epsilon), stash_type=stash,
-        )
+        """Rule S3: LayerNorm over the last axis with the (sliced) scale and offset.
+
+        ``stash_type`` stays at its default (float): the opset allows no other for the statistics,
+        and runtimes compute a float64 input's statistics in float64 (onnxruntime does; tested).
+        """
+        return self.op("LayerNormalization", [x, f"{prefix}.scale", f"{prefix}.offset"], prefix, axis=-1, epsilon=float(epsilon))
 
 
 def _mlp(g: _Graph, spec: MLP) -> tuple[list[Any], list[Any]]:
