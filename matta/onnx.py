@@ -72,7 +72,7 @@ def _import_onnx() -> Any:
 
 
 class _Graph:
-    """Collects named nodes and initializers; every node's one output is named like the node."""
+    """Collects named nodes and initializers; a node has one output, named like the node unless given."""
 
     def __init__(self, onnx: Any, dtype: str) -> None:
         self.onnx = onnx
