@@ -22,11 +22,11 @@ import os
 import shutil
 import tempfile
 from dataclasses import replace
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
-from matta.errors import FormatError, SpecError, choice, integer
+from matta.errors import FormatError, OptionError, SpecError, choice, integer
 from matta.specs import Transformer, check_spec
 from matta.weights import check_weights
 
@@ -92,16 +92,16 @@ def read_gpt2(path: PathLike) -> tuple[Transformer, dict[str, np.ndarray]]:
     if not os.path.isdir(folder):
         raise FormatError(f"{folder!r} is not a GPT-2 checkpoint folder (no such directory)")
     spec = _spec_from_config(_read_json(os.path.join(folder, CONFIG_FILE)))
-    stored = _read_checkpoint_tensors(folder)
+    strip = lambda key: key[len(PREFIX):] if key.startswith(PREFIX) else key  # noqa: E731
+    stored = _read_checkpoint_tensors(folder, keep=lambda key: not _ignored(spec, strip(key)))
     tensors: dict[str, np.ndarray] = {}
     for key, array in stored.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if name in tensors:
-            raise FormatError(f"{folder}: tensor {name!r} is stored twice (with and without {PREFIX!r})")
-        tensors[name] = array
+        if strip(key) in tensors:
+            raise FormatError(f"{folder}: tensor {strip(key)!r} is stored twice (with and without {PREFIX!r})")
+        tensors[strip(key)] = array
     expected = _gpt2_shapes(spec)
     missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected and not _ignored(spec, k)]
+    unexpected = [k for k in tensors if k not in expected]
     if missing or unexpected:
         raise FormatError(
             f"{folder}: the tensors do not match config.json's GPT-2: missing {missing[:5]}"
@@ -159,11 +159,11 @@ def _spec_from_config(config: Any) -> Transformer:
     )
 
 
-def _read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:
-    """Every tensor of the folder's safetensors file, or of the shards its index lists."""
+def _read_checkpoint_tensors(folder: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """The tensors named ``keep`` of the folder's safetensors file, or of the shards its index lists."""
     single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, INDEX_FILE)
     if os.path.isfile(single):
-        return _read_safetensors(single)
+        return _read_safetensors(single, keep)
     if os.path.isfile(index):
         listing = _read_json(index)
         weight_map = listing.get("weight_map") if isinstance(listing, Mapping) else None
@@ -178,11 +178,9 @@ def _read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for shard in shards:
             shard_path = os.path.join(folder, shard)
-            for key, array in _read_safetensors(shard_path).items():
-                if key in out or weight_map.get(key) != shard:
-                    raise FormatError(f"{shard_path}: tensor {key!r} is not listed for this shard in {INDEX_FILE}")
+            for key, array in _read_safetensors(shard_path, lambda k, s=shard: weight_map.get(k) == s and keep(k)).items():
                 out[key] = array
-        unread = sorted(set(weight_map) - set(out))
+        unread = sorted(k for k in weight_map if k not in out and keep(k))
         if unread:
             raise FormatError(f"{folder!r}: tensors {unread[:5]} listed in {INDEX_FILE} are in no shard")
         return out
@@ -194,8 +192,8 @@ def _read_checkpoint_tensors(folder: str) -> dict[str, np.ndarray]:
     )
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """A safetensors file as numpy arrays; float16 and bfloat16 become float32.
+def _read_safetensors(path: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    """The tensors named ``keep`` of a safetensors file as numpy arrays; float16 and bfloat16 become float32.
 
     The header is read here (8-byte little-endian length, then JSON) so that bfloat16, which
     numpy lacks, is read from its raw bytes: the top 16 bits of a float32.
@@ -214,7 +212,7 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
             raise FormatError(f"{path} is not a safetensors file (the header is not a JSON object)")
         start, out = 8 + n, {}
         for key, info in header.items():
-            if key == "__metadata__":
+            if key == "__metadata__" or not keep(key):
                 continue
             try:
                 dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
@@ -327,7 +325,8 @@ def write_gpt2(
     spec = check_spec(spec)
     if not isinstance(spec, Transformer):
         raise SpecError(f"write_gpt2 writes a Transformer spec; got {type(spec).__name__}")
-    choice("pad", pad, (True, False), SpecError)
+    choice("write_gpt2 pad", pad, (True, False), OptionError)
+    choice("write_gpt2 overwrite", overwrite, (True, False), OptionError)
     weights = check_weights(spec, weights)
     spec, weights = _as_gpt2(spec, weights, pad)
     tensors = _to_gpt2(spec, weights)

@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from matta import MLP, Transformer, extract, reference
-from matta.errors import FormatError, SpecError
+from matta.errors import FormatError, OptionError, SpecError
 from matta.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, read_gpt2, write_gpt2
 from matta.nesting import resolve
 from matta.weights import initial_weights
@@ -265,10 +265,15 @@ def test_a_spec_that_is_not_a_gpt2_is_refused_naming_the_field(fields, message, 
             write_gpt2(spec, w, tmp_path / "out", pad=True)
 
 
-def test_an_mlp_is_refused(tmp_path):
+def test_an_mlp_and_bad_options_are_refused(tmp_path):
     mlp = MLP(d_in=3, hidden=[4], d_out=2)
     with pytest.raises(SpecError, match="write_gpt2 writes a Transformer"):
         write_gpt2(mlp, initial_weights(mlp), tmp_path / "out")
+    spec = Transformer(vocab_size=7, max_len=4, d_model=8, n_layers=1, n_heads=2)
+    for option in ("pad", "overwrite"):
+        with pytest.raises(OptionError, match=f"write_gpt2 {option} must be True or False; got 'yes'"):
+            write_gpt2(spec, initial_weights(spec), tmp_path / "out", **{option: "yes"})
+    assert not (tmp_path / "out").exists()
 
 
 def _gpt2_folder(tmp_path: Path, **fields) -> Path:
