@@ -331,6 +331,7 @@ def sub_spec(spec: Spec, g: Granularity) -> Spec:
         layer_norm_epsilon=spec.layer_norm_epsilon,
         multiple_of=spec.multiple_of,
         nested=spec.nested,
+        tie_embeddings=spec.tie_embeddings,
     )
 
 

@@ -84,7 +84,9 @@ def plain_forward(spec: Spec, weights: Mapping[str, np.ndarray], x: np.ndarray) 
         a = activation("gelu", a @ w[f"{p}.ffn.up.kernel"] + w[f"{p}.ffn.up.bias"])
         h = h + a @ w[f"{p}.ffn.down.kernel"] + w[f"{p}.ffn.down.bias"]
     h = layer_norm(h, w["final_norm.scale"], w["final_norm.offset"], eps)
-    return h @ w["head.kernel"]  # (B, T, vocab)
+    # Rule P3: a tied head is the token embedding transposed (its d_model prefix under rule S1).
+    head = w["embed.tokens"].T if spec.tie_embeddings else w["head.kernel"]
+    return h @ head  # (B, T, vocab)
 
 
 def forward(spec: Spec, weights: Mapping[str, np.ndarray], x: np.ndarray, granularity: GranularityLike = 1.0) -> np.ndarray:

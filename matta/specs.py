@@ -176,7 +176,8 @@ class Transformer(_SpecBase):
 
     Learned token and position embeddings, ``n_layers`` pre-LayerNorm residual
     blocks (causal multi-head self-attention, then a GELU feed-forward network),
-    a final LayerNorm and an untied LM head to ``vocab_size`` logits.
+    a final LayerNorm and an LM head to ``vocab_size`` logits: its own kernel, or
+    the token embedding transposed when ``tie_embeddings`` is set (rule P3).
 
     Nested dimensions (spec rule G2): ``d_model`` (the residual stream, shared by
     all blocks), per block ``n_heads`` (whole heads of fixed width ``d_head``) and
@@ -197,6 +198,8 @@ class Transformer(_SpecBase):
         nested: dimensions a single fraction scales, drawn from ``d_ff``,
             ``n_heads``, ``d_model``, ``n_layers``. Default ``("d_ff",)``, as in
             MatFormer.
+        tie_embeddings: the LM head is ``embed.tokens`` transposed, one parameter
+            (rule P3), as in GPT-2; ``spec.parameters()`` then has no ``head.kernel``.
     """
 
     vocab_size: int
@@ -209,6 +212,7 @@ class Transformer(_SpecBase):
     layer_norm_epsilon: float = 1e-5
     multiple_of: int = 1
     nested: tuple[str, ...] = ("d_ff",)
+    tie_embeddings: bool = False
 
     family: ClassVar[str] = "transformer"
     nestable: ClassVar[tuple[str, ...]] = ("d_ff", "n_heads", "d_model", "n_layers")
@@ -238,6 +242,8 @@ class Transformer(_SpecBase):
         set_("layer_norm_epsilon", float(eps))
         set_("multiple_of", _positive_int("Transformer.multiple_of", self.multiple_of))
         set_("nested", _nested_field("Transformer.nested", self.nested, self.nestable))
+        if not isinstance(self.tie_embeddings, bool):
+            raise SpecError(f"Transformer.tie_embeddings must be True or False; got {self.tie_embeddings!r}")
 
     def _per_layer(self, name: str, value: Any) -> Union[int, tuple[int, ...]]:
         if isinstance(value, (list, tuple)):
@@ -291,7 +297,8 @@ class Transformer(_SpecBase):
             params[f"{b}.ffn.down.bias"] = Parameter((self.d_model,), (dm,), "bias")
         params["final_norm.scale"] = Parameter((self.d_model,), (dm,), "scale")
         params["final_norm.offset"] = Parameter((self.d_model,), (dm,), "offset")
-        params["head.kernel"] = Parameter((self.d_model, self.vocab_size), (dm, None), "kernel")
+        if not self.tie_embeddings:  # rule P3: a tied head is embed.tokens itself
+            params["head.kernel"] = Parameter((self.d_model, self.vocab_size), (dm, None), "kernel")
         return params
 
 

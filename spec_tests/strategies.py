@@ -48,8 +48,14 @@ def mlps(draw: Any, min_classes: int = 1) -> MLP:
 
 
 @st.composite
-def transformers(draw: Any, min_vocab: int = 2) -> Transformer:
-    """Random GPT-2-style specs: 1–3 blocks, 1–3 heads of width 1–4, per-block widths, any nested set."""
+def transformers(draw: Any, min_vocab: int = 2, tied: bool | None = False) -> Transformer:
+    """Random GPT-2-style specs: 1–3 blocks, 1–3 heads of width 1–4, per-block widths, any nested set.
+
+    Args:
+        min_vocab: smallest vocabulary drawn.
+        tied: ``tie_embeddings`` of every drawn spec (rule P3), or ``None`` to draw it. The
+            default, untied, is what every backend runs.
+    """
     n_layers = draw(st.integers(1, 3))
     per_layer = lambda lo, hi: st.one_of(st.integers(lo, hi), st.lists(st.integers(lo, hi), min_size=n_layers, max_size=n_layers))  # noqa: E731
     return Transformer(
@@ -63,6 +69,7 @@ def transformers(draw: Any, min_vocab: int = 2) -> Transformer:
         layer_norm_epsilon=draw(st.sampled_from([1e-5, 1e-3])),
         multiple_of=draw(st.sampled_from([1, 1, 2])),
         nested=tuple(draw(st.lists(st.sampled_from(Transformer.nestable), unique=True))),
+        tie_embeddings=draw(st.booleans()) if tied is None else tied,
     )
 
 
