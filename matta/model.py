@@ -7,12 +7,13 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from matta import saving
+from matta import saving, shipping
 from matta.backend import Backend, get_backend
 from matta.errors import (
     FormatError, GranularityError, InputError, InputTypeError, MattaError, OptionError, choice, describe, integer,
 )
 from matta.extraction import extract
+from matta.frontier import Budget, Frontier, check_data, check_metric, measure, named
 from matta.inputs import check_same_length, check_teacher_output, check_x, check_y
 from matta.losses import TA, LossOptions, NumpyOps, Schedule
 from matta.nesting import Granularity, GranularityLike, num_params, resolve
@@ -264,6 +265,80 @@ class MatTA:
         info = {"source": {"name": name, "granularity": g.to_dict(self.spec), "spec": self.spec.to_dict()}}
         return Extracted(sub_spec, sub_weights, self.backend, device=self.device, info=info)
 
+    # ------------------------------------------------------------------ choosing and shipping
+    def frontier(
+        self, x_val: Any, y_val: Any, candidates: Any = None, batch_size: int = 1, *,
+        metric: Optional[str] = None, rounds: int = 30,
+    ) -> Frontier:
+        """Parameters, FLOPs, latency and held-out metrics of many models of this run, Pareto rows marked.
+
+        Latency is the median of paired timing rounds of the extracted models on the first
+        ``batch_size`` rows of ``x_val``, on this backend (see :mod:`matta.frontier`).
+
+        Args:
+            x_val: held-out inputs; a Transformer's FLOPs are per sequence of their length.
+            y_val: held-out labels.
+            candidates: ``None`` for :func:`matta.frontier.candidates` (Students, TA, uniform
+                fractions, Mix'n'Match steps); else a list of names or granularities, or a dict
+                of name -> granularity.
+            batch_size: examples per timed call, ``1 <= batch_size <= len(x_val)``.
+            metric: the metric rows are ranked by; default ``loss`` (``mse`` for regression).
+            rounds: paired timing rounds.
+
+        Returns:
+            A :class:`~matta.frontier.Frontier`: ``print()`` it, ``.to_rows()``, ``.plot()``.
+        """
+        metric = check_metric(self.spec, self.options.task, metric)
+        x, y = check_data(self, x_val, y_val, batch_size)
+        return measure(self, named(self, candidates), x, y, batch_size=int(batch_size), metric=metric, rounds=rounds)
+
+    def select(
+        self, x_val: Any, y_val: Any, max_params: Optional[float] = None, max_flops: Optional[float] = None,
+        max_latency_ms: Optional[float] = None, batch_size: int = 1, *, candidates: Any = None,
+        metric: Optional[str] = None, rounds: int = 30,
+    ) -> Granularity:
+        """The granularity with the best held-out metric within every given budget.
+
+        Latency is measured only when ``max_latency_ms`` is given. The arguments are those of
+        :meth:`frontier`; ``max_flops`` counts per example (a Transformer's: per sequence of
+        ``x_val``'s length) and ``max_latency_ms`` per call of ``batch_size`` examples.
+
+        Raises:
+            OptionError: a budget that is not a number > 0, or nothing fits; the message then
+                names the smallest achievable figure of each budget.
+        """
+        budget = Budget(max_params, max_flops, max_latency_ms)
+        metric = check_metric(self.spec, self.options.task, metric)
+        x, y = check_data(self, x_val, y_val, batch_size)
+        front = measure(self, named(self, candidates), x, y, batch_size=int(batch_size), metric=metric,
+                        rounds=rounds, latency=max_latency_ms is not None)
+        return front.select(budget).granularity
+
+    def export_many(
+        self, directory: str, targets: Any = None, formats: Any = ("safetensors",), *,
+        x_val: Any = None, y_val: Any = None, batch_size: int = 1, metric: Optional[str] = None,
+        rounds: int = 30, overwrite: bool = False,
+    ) -> dict[str, Any]:
+        """Exports several models of this run, one folder each, with ``manifest.json``, atomically.
+
+        Args:
+            directory: the export's folder (replaced as a whole, see :mod:`matta.shipping`).
+            targets: a list of names (``"S"``, ``"TA"``), granularities (any form of rule G1)
+                and budgets (:class:`~matta.frontier.Budget` or a dict of its fields); default
+                every Student and the TA.
+            formats: drawn from ``"safetensors"``, ``"onnx"``, ``"native"``.
+            x_val: held-out inputs: needed by budgets; with them the manifest records metrics and latency.
+            y_val: held-out labels.
+            batch_size: examples per timed call.
+            metric: the metric budgets choose by (default ``loss``; ``mse`` for regression).
+            rounds: paired timing rounds.
+            overwrite: replace ``directory`` even if it is not an earlier export.
+
+        Returns:
+            The manifest as written.
+        """
+        return shipping.export_many(self, directory, targets, formats, x_val=x_val, y_val=y_val, batch_size=batch_size,
+                                    metric=metric, rounds=rounds, overwrite=overwrite)
 
     # ------------------------------------------------------------------ saving
     def save(self, directory: str, *, overwrite: bool = False) -> list[str]:
