@@ -159,7 +159,7 @@ def _check_target(target: str, overwrite: bool) -> None:
 
 
 def _slug(name: str, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "model"
+    base = re.sub(r"[^A-Za-z0-9._]+", "-", re.sub(r"[\[\]]", "", name)).strip("-.") or "model"
     slug, n = base, 2
     while slug in taken:
         slug, n = f"{base}-{n}", n + 1
