@@ -39,9 +39,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     from matta.errors import MattaError
 
-    run = _export if args.command == "export" else None
     if args.command == "demo":
         from matta.demo.cli import run
+    else:
+        run = _export
     try:
         return run(args)
     except MattaError as e:
@@ -68,16 +69,18 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """Runs ``matta export``: every argument is checked before the model is loaded."""
+    """Runs ``matta export``: formats, budgets, numbers and the data file are checked before the model is loaded."""
     import os
 
     import numpy as np
 
     from matta import MatTA
-    from matta.errors import InputError
+    from matta.errors import InputError, integer
     from matta.shipping import check_formats, export_many, parse_budget
 
     formats = check_formats(args.format)
+    integer("--batch-size", args.batch_size, 1)
+    integer("--rounds", args.rounds, 1)
     budgets = [b for text in args.budget for b in parse_budget(text)]
     names = [n.strip() for text in args.student for n in text.split(",") if n.strip()]
     if budgets and args.data is None:

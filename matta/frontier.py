@@ -364,7 +364,7 @@ class Frontier:
     examples: int
     backend: str
     rounds: int
-    _by_name: dict[str, Row] = field(default_factory=dict, repr=False)
+    _by_name: dict[str, Row] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.rows = _mark_pareto(self.rows, self.metric)
@@ -448,20 +448,18 @@ class Frontier:
     def plot(self, path: Optional[str] = None, x: str = "params") -> Any:
         """A scatter of ``x`` (``params``, ``flops`` or ``latency_ms``) against the metric, Pareto rows joined.
 
-        matplotlib is imported here, on first use. Returns the figure; saves it to ``path`` if given.
+        matplotlib is imported here, on first use. Returns the ``matplotlib.figure.Figure``; saves it
+        to ``path`` (e.g. a ``.png``) if given.
         """
         choice("x", x, ("params", "flops", "latency_ms"))
         if self.metric is None:
             raise OptionError("plot needs metrics; this frontier was built without held-out data")
         if x == "latency_ms" and not self.latency_measured:
             raise OptionError("x='latency_ms' needs measured latency; this frontier was built without it")
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
 
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig = Figure(figsize=(6.4, 4.4))
+        ax = fig.add_subplot()
         xs = [getattr(r, x) for r in self.rows]
         ys = [r.metrics[self.metric] for r in self.rows]
         ax.scatter(xs, ys, color="tab:gray", s=18, label="candidate")

@@ -299,8 +299,8 @@ def export_many(
             "measured_on": {
                 "data": data, "metric": frontier.metric, "batch_size": batch_size if frontier.latency_measured else None,
                 "latency_rounds": frontier.rounds or None, "backend": frontier.backend,
-                "flops_per": f"sequence of {frontier.seq_len} tokens" if isinstance(model.spec, Transformer) and frontier.seq_len
-                else ("sequence of max_len tokens" if isinstance(model.spec, Transformer) else "example"),
+                "flops_per": f"sequence of {frontier.seq_len or model.spec.max_len} tokens"
+                if isinstance(model.spec, Transformer) else "example",
             },
             "models": models,
         }

@@ -232,6 +232,7 @@ def test_the_export_command_reports_errors(mlp, tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
         (["export", "/no/such/model", "--format", "pickle", "--out", out], "formats must be drawn from"),
+        (["export", "/no/such/model", "--rounds", "0", "--out", out], "--rounds must be an integer >= 1"),
         (["export", saved, "--budget", "size=3", "--out", out], "--budget must be KEY=VALUE"),
         (["export", saved, "--budget", "params=10k", "--out", out], "give --data FILE.npz"),
         (["export", saved, "--budget", "params=1", "--data", data, "--out", out, "--rounds", "1"],
