@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
