@@ -23,14 +23,15 @@ demo: install
 
 # Core + numpy reference + torch in one process.
 test-core: install
-	$(PYTHON) -m pytest -q -p no:cacheprovider tests spec_tests --backends=torch --ignore=tests/test_keras_backend.py
+	$(PYTHON) -m pytest -q -p no:cacheprovider ./tests --pyargs matta.spec_tests --backends=torch --ignore=tests/test_keras_backend.py
 
 # The Keras backend once per engine, each in its own process (Keras reads KERAS_BACKEND once per
 # process): its unit tests, the conformance suite and the Keras examples of the docs.
 # Hypothesis profiles: 200 examples run on torch (test-core); each Keras engine runs the dev
 # profile, and JAX, which compiles every new shape op by op, a smaller one to stay inside CI's time.
-KERAS_TESTS := tests/test_keras_backend.py spec_tests/test_backend_conformance.py spec_tests/test_cross_backend.py \
-	tests/test_docs.py::test_python_blocks_run --backends=keras
+KERAS_TESTS := tests/test_keras_backend.py tests/test_docs.py::test_python_blocks_run --pyargs \
+	matta.spec_tests.test_backend_conformance matta.spec_tests.test_cross_backend matta.spec_tests.test_training_and_saving \
+	--backends=keras
 KERAS_PROFILE ?= dev
 JAX_PROFILE ?= smoke
 test-keras-tensorflow: install

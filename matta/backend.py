@@ -1,17 +1,20 @@
-"""The backend contract (DESIGN §6) and the registry that finds backends lazily.
+"""The backend contract and the registry that finds backends lazily.
 
 A backend is any object with the members of :class:`Backend`. matta ships
-``"torch"`` and ``"keras"``; a third party registers one through the
+``"numpy"``, ``"torch"`` and ``"keras"``; a third party registers one through the
 ``matta.backends`` entry-point group, or passes a module path
 (``backend="my_package.my_backend"``) whose module has a ``backend`` attribute.
-The core never imports a framework: a backend module is imported only when a
-user asks for it by name.
+A backend class subclasses :class:`Backend` to inherit the defaults of the
+optional members. The core never imports a framework: a backend module is
+imported only when a user asks for it by name.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping, Optional, Protocol, runtime_checkable
+import sys
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -21,10 +24,13 @@ from matta.nesting import Granularity
 from matta.specs import Spec
 from matta.training import TrainingRun
 
-__all__ = ["Backend", "get_backend", "backend_of", "BUILTIN_BACKENDS"]
+__all__ = ["Backend", "get_backend", "backend_of", "BUILTIN_BACKENDS", "FRAMEWORK_PACKAGES"]
 
 #: Built-in backends: name -> module (imported on first use only).
 BUILTIN_BACKENDS = {"numpy": "matta.backends.numpy", "torch": "matta.backends.torch", "keras": "matta.backends.keras"}
+#: Top-level packages whose classes are the native models of the built-in framework backends, known
+#: without importing them. Keras comes first: a Keras layer on the torch engine is a ``torch.nn.Module`` too.
+FRAMEWORK_PACKAGES = {"keras": ("keras", "tf_keras"), "torch": ("torch",)}
 _CACHE: dict[str, Any] = {}
 
 
@@ -32,11 +38,19 @@ _CACHE: dict[str, Any] = {}
 class Backend(Protocol):
     """What a backend provides. Weights cross the boundary as numpy dicts (rule P2 layout).
 
+    The members after :meth:`export` are optional: a backend class that
+    subclasses ``Backend`` inherits the defaults documented on each.
+
     Attributes:
         name: the registry name, e.g. ``"torch"``.
+        exactness_bounds: optional; per :meth:`engine`, the measured bound of
+            ``max |extracted - nested| / max(1, max |nested|)`` where the
+            backend cannot promise bit-exact extraction (rule E3). An engine
+            not listed is bit-exact; the default lists none.
     """
 
     name: str
+    exactness_bounds: Mapping[str, float] = MappingProxyType({})
 
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> Any:
         """A native *nested* model of ``spec`` holding ``weights`` (their dtype is the model's)."""
@@ -77,6 +91,34 @@ class Backend(Protocol):
         """Saves the plain model in the framework's own format; returns the file names written."""
         ...
 
+    # Optional members, with their defaults.
+    def engine(self) -> str:
+        """The engine computing this process's models (Keras: ``KERAS_BACKEND``). Default: :attr:`name`."""
+        return self.name
+
+    def supports_dtype(self, spec: Spec, dtype: str) -> bool:
+        """Whether :meth:`build` computes ``spec`` in ``dtype`` exactly. Default: every dtype.
+
+        Where this is False, ``build`` must raise matta's own error naming the dtype.
+        """
+        return True
+
+    def forward_many(self, model: Any, x: np.ndarray, granularities: Sequence[Granularity]) -> list[np.ndarray]:
+        """The outputs of :meth:`forward` at each granularity, in one call (a backend may share work
+        between them, e.g. an MLP's first layer, rule S1). Default: one :meth:`forward` each."""
+        return [self.forward(model, x, g) for g in granularities]
+
+    def export_loader(self, directory: str) -> Optional[str]:
+        """Python source that loads what :meth:`export` wrote to ``directory`` with only the framework
+        and numpy importable, and defines ``predict(x: numpy.ndarray) -> numpy.ndarray`` (``x`` in the
+        model's float dtype, or integer token ids). Default: None, the export has no such loader."""
+        return None
+
+    def model_packages(self) -> tuple[str, ...]:
+        """Packages whose classes are this backend's native models (:func:`backend_of` reads them).
+        Default: the module that defines the backend's class, and its submodules."""
+        return (type(self).__module__,)
+
 
 def get_backend(name: Any) -> Backend:
     """The backend registered as ``name`` (built-in, entry point, or module path), imported now.
@@ -110,7 +152,9 @@ def get_backend(name: Any) -> Backend:
         ) from exc
     backend = getattr(module, "backend", None)
     if not isinstance(backend, Backend):
-        raise BackendError(f"module {module_name!r} has no 'backend' object implementing matta.backend.Backend")
+        missing = [m for m in _MEMBERS if backend is not None and not hasattr(backend, m)]
+        hint = f" (missing: {', '.join(missing)}; subclass matta.backend.Backend for the optional ones)" if missing else ""
+        raise BackendError(f"module {module_name!r} has no 'backend' object implementing matta.backend.Backend{hint}")
     _CACHE[name] = backend
     return backend
 
@@ -124,15 +168,34 @@ def _entry_point(name: str) -> Optional[str]:
     return None
 
 
+def _loaded() -> Iterator[Backend]:
+    """The backends this process has imported already (asking them imports no framework)."""
+    for name, module in BUILTIN_BACKENDS.items():
+        if module in sys.modules and hasattr(sys.modules[module], "backend"):
+            yield get_backend(name)
+    yield from list(_CACHE.values())
+
+
 def backend_of(model: Any) -> str:
     """The backend name of a native model object, without importing any framework.
 
-    Keras is checked before torch: a Keras layer on the torch backend is also a
-    ``torch.nn.Module`` (DESIGN §6).
+    The model's most derived class whose module belongs to a backend decides: the built-in
+    framework packages (:data:`FRAMEWORK_PACKAGES`, Keras before torch, since a Keras layer on the
+    torch engine is also a ``torch.nn.Module``), then each loaded backend's
+    :meth:`Backend.model_packages`.
+
+    Raises:
+        BackendError: no known backend makes models of this class.
     """
-    modules = [c.__module__ for c in type(model).__mro__]
-    if any(m == "keras" or m.startswith(("keras.", "tf_keras")) for m in modules):
-        return "keras"
-    if any(m == "torch" or m.startswith("torch.") for m in modules):
-        return "torch"
-    raise BackendError(f"cannot tell the backend of a {type(model).__name__}; expected a Keras or torch model")
+    claims = list(FRAMEWORK_PACKAGES.items()) + [(b.name, tuple(b.model_packages())) for b in _loaded()]
+    for cls in type(model).__mro__:
+        module = cls.__module__ or ""
+        for name, packages in claims:
+            if any(module == p or module.startswith(p + ".") for p in packages):
+                return name
+    known = sorted({name for name, _ in claims})
+    raise BackendError(f"cannot tell the backend of a {type(model).__name__}; expected a model of one of {known}")
+
+
+#: The members of the contract, for the message that names the missing ones.
+_MEMBERS = sorted({*Backend.__annotations__, *(k for k, v in vars(Backend).items() if callable(v) and not k.startswith("_"))})

@@ -1,1 +1,1 @@
-"""matta's conformance suite (DESIGN §7): run it against any backend with ``--backends``."""
+"""matta's conformance suite (docs/backends/index.md): ``python -m pytest --pyargs matta.spec_tests --backends=NAME``."""

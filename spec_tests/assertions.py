@@ -11,6 +11,10 @@ from matta.specs import Spec, Transformer
 
 #: Reference-agreement tolerances per dtype: |a - b| <= atol * max(1, max|b|) + rtol * |b|.
 TOLERANCES = {"float32": (1e-4, 1e-4), "float64": (1e-9, 1e-9)}
+#: Loss and gradient tolerances (relative) per dtype, for backends that compute in float32 only.
+LOSS_TOL = {"float64": 1e-9, "float32": 2e-5}
+#: Gradient against finite differences of the reference loss (relative), per dtype.
+FD_TOL = {"float64": 1e-5, "float32": 2e-3}
 
 #: Extra slack for a Transformer's outputs. The suite draws d_model (and its active prefix) as small
 #: as 1, where a LayerNorm's features are (nearly) equal: its variance is far below ε, so it divides
@@ -19,6 +23,11 @@ TOLERANCES = {"float32": (1e-4, 1e-4), "float64": (1e-9, 1e-9)}
 #: 1.5e-4 and 1.8e-4 in float32 (d_model 1) and 2.4e-9 in float64 (d_model 3). A wrong slice or
 #: formula errs by orders of magnitude more, so these bounds still catch every real bug.
 LAYER_NORM_SLACK = {"float32": 10.0, "float64": 100.0}
+
+
+def precise_dtype(backend: Any, spec: Spec) -> str:
+    """float64 where the backend computes ``spec`` in it (``supports_dtype``), else float32."""
+    return "float64" if backend.supports_dtype(spec, "float64") else "float32"
 
 
 def context(backend: Any = None, spec: Spec | None = None, granularity: Granularity | None = None, **extra: Any) -> str:

@@ -1,10 +1,11 @@
-"""Conformance-suite plumbing: the ``--backends`` option and Hypothesis profiles.
+"""Conformance-suite plumbing: the ``backend`` fixture and Hypothesis profiles.
 
-Run the suite against any backend::
+Run the suite against any backend, from any directory (the ``--backends`` option
+comes from :mod:`matta.spec_tests.plugin`)::
 
-    pytest spec_tests --backends=torch
-    KERAS_BACKEND=jax pytest spec_tests --backends=keras
-    pytest spec_tests --backends=my_package.my_backend   # a third-party backend module
+    python -m pytest --pyargs matta.spec_tests --backends=torch
+    KERAS_BACKEND=jax python -m pytest --pyargs matta.spec_tests --backends=keras
+    python -m pytest --pyargs matta.spec_tests --backends=my_package.my_backend   # a third-party module
 
 A requested backend that fails to import is an error, never a skip.
 """
@@ -31,14 +32,6 @@ settings.register_profile("smoke", max_examples=5, phases=[Phase.generate], dera
 settings.load_profile(os.environ.get("MATTA_HYPOTHESIS_PROFILE", "dev"))
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--backends",
-        default=os.environ.get("MATTA_BACKENDS", "torch"),
-        help="comma-separated backends to test: torch, keras (engine from KERAS_BACKEND), or a module path",
-    )
-
-
 def requested_backends(config: pytest.Config) -> list[str]:
     names = [n.strip() for n in config.getoption("--backends").split(",") if n.strip()]
     assert names, "--backends must name at least one backend"
@@ -56,6 +49,5 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _backend_id(backend) -> str:
-    if backend.name == "keras":
-        return f"keras-{os.environ.get('KERAS_BACKEND', 'tensorflow')}"
-    return backend.name
+    engine = backend.engine()
+    return backend.name if engine == backend.name else f"{backend.name}-{engine}"

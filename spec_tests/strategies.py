@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from matta.losses import StepPlan, Term
+from matta.losses import NumpyOps, StepPlan, Targets, Term
 from matta.nesting import Granularity, full, resolve
 from matta.specs import ACTIVATIONS, MLP, Spec, Transformer
 from matta.weights import initial_weights
@@ -29,6 +29,7 @@ __all__ = [
     "inputs_for",
     "SHARED_STEPS",
     "step_plan",
+    "targets_for",
 ]
 
 fractions = st.floats(min_value=0.01, max_value=1.0, allow_nan=False)
@@ -139,6 +140,19 @@ def weights_for(spec: Spec, seed: int, dtype: str = "float64", scale: float = 1.
         noise = rng.standard_normal(w.shape) * scale
         out[name] = (noise + (1.0 if name.endswith(".scale") else 0.0)).astype(dtype)
     return out
+
+
+def targets_for(spec: Spec, seed: int, batch: int, x: np.ndarray, soft: bool) -> Targets:
+    """Random hard labels for ``x`` and, with ``soft``, random Teacher probabilities."""
+    rng = np.random.default_rng([seed, 2])
+    classes = spec.d_out if isinstance(spec, MLP) else spec.vocab_size
+    shape = (batch,) if isinstance(spec, MLP) else x.shape
+    hard = rng.integers(0, classes, size=shape)
+    probs = None
+    if soft:
+        logits = rng.standard_normal(shape + (classes,))
+        probs = np.exp(NumpyOps().log_softmax(logits))
+    return Targets(hard=hard, soft=probs)
 
 
 def inputs_for(spec: Spec, seed: int, batch: int) -> np.ndarray:

@@ -1,16 +1,14 @@
-"""DESIGN §7 properties 1, 2 and 5 for every backend given by ``--backends``.
+"""Conformance properties 1, 2 and 5 (docs/backends/index.md) for every backend given by ``--backends``.
 
-1. the backend's nested forward at g equals the numpy reference at g (per-dtype tolerance);
+1. the backend's nested forward at g equals the numpy reference at g (rules S1–S4, D1–D2; per-dtype tolerance);
 2. the extracted plain model at g equals the nested forward at g, bit for bit
    (same backend, device, dtype and batch), unless the backend declares a
-   measured bound in ``EXACTNESS_BOUNDS``;
-5. the composite loss equals the reference; with stop-gradient on, the
-   distillation term gives exactly zero gradient outside the Student's slices.
+   measured bound in ``exactness_bounds``;
+5. the composite loss equals the reference (rules L1–L6); with stop-gradient on, the
+   distillation term gives exactly zero gradient outside the Student's slices (rule L3).
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pytest
@@ -19,27 +17,21 @@ from hypothesis import assume, given, strategies as st
 from matta import reference
 from matta.errors import MattaError
 from matta.extraction import extract
-from matta.losses import LossOptions, NumpyOps, StepPlan, Targets, Term, composite_loss
+from matta.losses import LossOptions, NumpyOps, StepPlan, Term, composite_loss
 from matta.nesting import full, slice_plan
 from matta.specs import MLP
-from spec_tests.assertions import assert_bitwise_equal, assert_close, assert_weights_equal, context
-from spec_tests.strategies import granularities, inputs_for, mlps, specs, transformers, weights_for
+from matta.spec_tests.assertions import (
+    FD_TOL,
+    LOSS_TOL,
+    assert_bitwise_equal,
+    assert_close,
+    assert_weights_equal,
+    context,
+    precise_dtype,
+)
+from matta.spec_tests.strategies import granularities, inputs_for, mlps, specs, targets_for, transformers, weights_for
 
 DTYPES = ["float32", "float64"]
-#: Loss and gradient tolerances (relative) per dtype, for backends that compute in float32 only.
-LOSS_TOL = {"float64": 1e-9, "float32": 2e-5}
-FD_TOL = {"float64": 1e-5, "float32": 2e-3}
-
-
-def supports(backend, spec, dtype: str) -> bool:
-    """A backend may declare ``supports_dtype(spec, dtype)`` (the Keras backend refuses float64 on JAX/PyTorch)."""
-    check = getattr(backend, "supports_dtype", None)
-    return True if check is None else bool(check(spec, dtype))
-
-
-def precise_dtype(backend, spec) -> str:
-    """float64 where the backend supports it, else float32 (with float32 tolerances)."""
-    return "float64" if supports(backend, spec, "float64") else "float32"
 
 
 def refuses(backend, spec, weights) -> None:
@@ -49,10 +41,8 @@ def refuses(backend, spec, weights) -> None:
 
 
 def exactness_bound(backend) -> float:
-    """The documented max |extracted - nested| of a backend; 0.0 means bit-exact (DESIGN §7.2)."""
-    bounds = getattr(backend, "exactness_bounds", {})
-    engine = os.environ.get("KERAS_BACKEND", "tensorflow") if backend.name == "keras" else backend.name
-    return float(bounds.get(engine, 0.0))
+    """The documented max |extracted - nested| of a backend's engine; 0.0 means bit-exact (property 2)."""
+    return float(backend.exactness_bounds.get(backend.engine(), 0.0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,7 +52,7 @@ def test_nested_forward_matches_the_reference(backend, dtype, data, spec, seed, 
     g = data.draw(granularities(spec))
     weights = weights_for(spec, seed, dtype)
     x = inputs_for(spec, seed, batch)
-    if not supports(backend, spec, dtype):
+    if not backend.supports_dtype(spec, dtype):
         return refuses(backend, spec, weights)
     model = backend.build(spec, weights, device="cpu")
     expected = reference.forward(spec, weights, x, g)
@@ -78,7 +68,7 @@ def test_extracted_model_equals_the_nested_sub_network(backend, dtype, data, spe
     g = data.draw(granularities(spec))
     weights = weights_for(spec, seed, dtype)
     x = inputs_for(spec, seed, batch)
-    if not supports(backend, spec, dtype):
+    if not backend.supports_dtype(spec, dtype):
         return refuses(backend, spec, weights)
     model = backend.build(spec, weights, device="cpu")
     sub_spec, sub_weights = extract(weights, spec, g)
@@ -105,18 +95,6 @@ def test_weights_round_trip_through_the_backend(backend, spec, seed):
     assert_weights_equal(backend.get_weights(model), weights, where)
 
 
-def _targets(spec, seed, batch, x, soft: bool) -> Targets:
-    rng = np.random.default_rng([seed, 2])
-    classes = spec.d_out if isinstance(spec, MLP) else spec.vocab_size
-    shape = (batch,) if isinstance(spec, MLP) else x.shape
-    hard = rng.integers(0, classes, size=shape)
-    probs = None
-    if soft:
-        logits = rng.standard_normal(shape + (classes,))
-        probs = np.exp(NumpyOps().log_softmax(logits))
-    return Targets(hard=hard, soft=probs)
-
-
 @st.composite
 def loss_options(draw) -> LossOptions:
     return LossOptions(
@@ -139,7 +117,7 @@ def test_composite_loss_matches_the_reference(backend, data, spec, seed, options
     # The reference runs in float64 on exactly the values the backend holds.
     weights = {k: v.astype(dtype).astype("float64") for k, v in weights_for(spec, seed, "float64", scale=0.5).items()}
     x = inputs_for(spec, seed, 3)
-    targets = _targets(spec, seed, 3, x, soft)
+    targets = targets_for(spec, seed, 3, x, soft)
     outputs = {t.name: reference.forward(spec, weights, x, t.granularity) for t in plan.terms}
     expected, _ = composite_loss(NumpyOps(), outputs, targets, plan, options)
     model = backend.build(spec, {k: v.astype(dtype) for k, v in weights.items()}, device="cpu")
@@ -159,7 +137,7 @@ def test_gradients_match_finite_differences(backend, data, spec, seed):
     dtype = precise_dtype(backend, spec)
     weights = {k: v.astype(dtype).astype("float64") for k, v in weights_for(spec, seed, "float64", scale=0.5).items()}
     x = inputs_for(spec, seed, 2)
-    targets = _targets(spec, seed, 2, x, soft=False)
+    targets = targets_for(spec, seed, 2, x, soft=False)
     model = backend.build(spec, {k: v.astype(dtype) for k, v in weights.items()}, device="cpu")
     _, grads = backend.loss_and_gradients(model, x, targets, plan, options)
     rng = np.random.default_rng([seed, 3])
@@ -198,7 +176,7 @@ def test_stop_gradient_keeps_the_distillation_term_inside_the_student(backend, d
     plan = StepPlan(0, (Term("TA", full(spec), 0.0, None), Term("S", g, 1.0, "TA")), 1.0)
     weights = weights_for(spec, seed, precise_dtype(backend, spec))
     x = inputs_for(spec, seed, 3)
-    targets = _targets(spec, seed, 3, x, soft=False)
+    targets = targets_for(spec, seed, 3, x, soft=False)
     outside_total = {}
     for stop in (True, False):
         model = backend.build(spec, weights, device="cpu")

@@ -1,4 +1,4 @@
-"""DESIGN §7 property 3: weights move between the backend under test and PyTorch with equal outputs,
+"""Conformance property 3 (docs/backends/index.md): weights move between the backend under test and PyTorch with equal outputs,
 and both backends compute the same composite loss and gradients.
 
 PyTorch is the partner because it is always installed with matta's test extras;
@@ -13,9 +13,8 @@ from hypothesis import given, strategies as st
 from matta.backend import get_backend
 from matta.losses import LossOptions, StepPlan, Term
 from matta.nesting import full
-from spec_tests.assertions import assert_close, assert_weights_equal, context
-from spec_tests.strategies import granularities, inputs_for, specs, weights_for
-from spec_tests.test_backend_conformance import LOSS_TOL, _targets, precise_dtype
+from matta.spec_tests.assertions import LOSS_TOL, assert_close, assert_weights_equal, context, precise_dtype
+from matta.spec_tests.strategies import granularities, inputs_for, specs, targets_for, weights_for
 
 
 @given(data=st.data(), spec=specs(), seed=st.integers(0, 2**16), batch=st.integers(1, 3))
@@ -43,7 +42,7 @@ def test_loss_and_gradients_agree_with_torch(backend, data, spec, seed, distill)
     plan = StepPlan(0, (Term("TA", full(spec), 1.0, None), Term("S", g, 1.0, "TA")), distill)
     weights = weights_for(spec, seed, dtype, scale=0.5)
     x = inputs_for(spec, seed, 2)
-    targets = _targets(spec, seed, 2, x, soft=True)
+    targets = targets_for(spec, seed, 2, x, soft=True)
     targets.soft = targets.soft.astype(dtype)
     loss_t, grads_t = torch_backend.loss_and_gradients(torch_backend.build(spec, weights, device="cpu"), x, targets,
                                                        plan, options)

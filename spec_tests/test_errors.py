@@ -1,4 +1,4 @@
-"""DESIGN §7 property 6: invalid specs, granularities, options and inputs raise matta's own errors.
+"""Conformance property 6 (docs/backends/index.md): invalid specs, granularities, options and inputs raise matta's own errors.
 
 Each error is a subclass of ``MattaError`` and of ``ValueError``/``TypeError``,
 and names the offending field; nothing reaches a framework first.
@@ -14,7 +14,7 @@ import matta
 from matta.errors import GranularityError, MattaError, SpecError
 from matta.nesting import resolve
 from matta.specs import MLP, Transformer
-from spec_tests.strategies import specs
+from matta.spec_tests.strategies import specs
 
 garbage = st.one_of(
     st.integers(-5, 0), st.floats(allow_nan=True), st.text(max_size=3), st.none(), st.booleans(),

@@ -1,4 +1,4 @@
-"""DESIGN §7 property 4 (rules E1–E4, G1–G4, N1): extraction on numpy weights, no backend needed."""
+"""Conformance property 4 (docs/backends/index.md; rules E1–E4, G1–G4, N1): extraction on numpy weights, no backend needed."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from matta.nesting import (
     sub_spec,
 )
 from matta.specs import MLP, spec_from_dict
-from spec_tests.assertions import assert_bitwise_equal, assert_weights_equal, context
-from spec_tests.strategies import granularities, granularity_forms, inputs_for, mlps, nested_pairs, specs, weights_for
+from matta.spec_tests.assertions import assert_bitwise_equal, assert_weights_equal, context
+from matta.spec_tests.strategies import granularities, granularity_forms, inputs_for, mlps, nested_pairs, specs, weights_for
 
 
 @given(spec=specs(), seed=st.integers(0, 2**16))

@@ -1,12 +1,10 @@
-"""The PyTorch backend through the public API: training, exactness at real sizes, export, formats."""
+"""The PyTorch backend through the public API: training, exactness at real sizes, formats.
+
+What every backend must do (rule T4, saving and the native export, one call for a step's terms,
+``backend_of``) is in the conformance suite, ``matta.spec_tests.test_training_and_saving``.
+"""
 
 from __future__ import annotations
-
-import json
-import os
-import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,13 +13,7 @@ import torch
 import matta
 from matta.training import learning_rate_scale
 from matta import MLP, MatTA, Transformer, reference
-from matta.backend import get_backend
-from matta.backends.torch import OPS
-from matta.backends.torch.modules import torch_name
-from matta.losses import LossOptions, Targets, composite_loss
-from matta.weights import initial_weights
-from spec_tests.assertions import assert_bitwise_equal, assert_close
-from spec_tests.strategies import SHARED_STEPS, step_plan
+from matta.spec_tests.assertions import assert_bitwise_equal, assert_close
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MLP_SPEC = MLP(d_in=64, hidden=[256, 192], d_out=10, activation="gelu", multiple_of=8)
@@ -50,7 +42,7 @@ def _data(spec, n, seed=0):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
 def test_extracted_equals_nested_bit_for_bit_at_real_sizes(spec, dtype, device):
-    """DESIGN §7.2 at sizes where BLAS blocking matters (batch 32), on every available device."""
+    """Conformance property 2 at sizes where BLAS blocking matters (batch 32), on every available device."""
     model = MatTA(spec, students={}, backend="torch", dtype=dtype, device=device, seed=1)
     x, _ = _data(spec, 32)
     for g in GRANULARITIES[spec.family]:
@@ -61,7 +53,9 @@ def test_extracted_equals_nested_bit_for_bit_at_real_sizes(spec, dtype, device):
         assert_close(nested, reference.forward(spec, model.weights, x, model.granularity(g)), dtype, f"g={g}")
 
 
-@pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
+# The MLP case runs for every backend in matta.spec_tests.test_training_and_saving (the numpy backend's
+# finite differences cannot train a Transformer in a test's time).
+@pytest.mark.parametrize("spec", [LM_SPEC], ids=["transformer"])
 def test_fit_lowers_the_held_out_loss_of_every_granularity(spec):
     x, y = _data(spec, 512)
     x_val, y_val = _data(spec, 128, seed=1)
@@ -87,29 +81,6 @@ def test_a_teacher_array_or_callable_gives_the_same_run():
         runs.append(model.weights)
     for k in runs[0]:
         assert_bitwise_equal(runs[1][k], runs[0][k], k)
-
-
-def test_a_nan_loss_stops_training_with_the_last_good_weights():
-    """Rule T4."""
-    x, y = _data(MLP_SPEC, 64)
-    kwargs = dict(students={"S": 0.5}, backend="torch", seed=0, optimizer=torch.optim.SGD, learning_rate=1e12,
-                  ramp="constant")  # λ must not depend on the run length: the replay is shorter
-    model = MatTA(MLP_SPEC, **kwargs)
-    with pytest.raises(matta.NonFiniteLossError, match=r"at step (\d+); the weights are those after step \d+ \(the update was not applied\)"):
-        model.fit(x, y, steps=50, batch_size=64, progress=False)
-    # Re-run exactly the good steps: the weights must equal what the failed run left.
-    failed_at = None
-    probe = MatTA(MLP_SPEC, **kwargs)
-    try:
-        probe.fit(x, y, steps=50, batch_size=64, progress=False)
-    except matta.NonFiniteLossError as exc:
-        failed_at = int(str(exc).split("at step ")[1].split(";")[0])
-    assert failed_at is not None and failed_at >= 1
-    replay = MatTA(MLP_SPEC, **kwargs)
-    replay.fit(x, y, steps=failed_at, batch_size=64, progress=False)
-    for k, w in replay.weights.items():
-        assert np.all(np.isfinite(model.weights[k]))
-        assert_bitwise_equal(model.weights[k], w, k)
 
 
 def test_optimizer_choices():
@@ -158,39 +129,6 @@ def test_weights_round_trip_and_from_weights():
     assert all(not v.any() for v in clone.weights.values())
 
 
-def test_save_load_and_export_run_without_matta(tmp_path, monkeypatch):
-    """Rule E5: safetensors + JSON load into matta without unpickling; model.pt2 loads with plain torch."""
-    model = MatTA(LM_SPEC, students={"S": {"d_ff": 0.25, "layers": [0, 2]}}, backend="torch", seed=3)
-    x, _ = _data(LM_SPEC, 5)
-    student = model.extract("S")
-    files = student.save(str(tmp_path))
-    assert sorted(files) == ["model.pt2", "spec.json", "weights.safetensors"]
-    meta = json.loads((tmp_path / "spec.json").read_text())
-    assert meta["spec"]["n_layers"] == 2 and meta["source"]["name"] == "S" and meta["num_params"] == student.num_params
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("matta.load must never unpickle")
-
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "Unpickler", refuse)
-    loaded = matta.load(str(tmp_path), backend="torch")
-    assert_bitwise_equal(loaded.predict(x), student.predict(x), "matta.load")
-    monkeypatch.undo()
-
-    np.save(tmp_path / "x.npy", x)
-    code = (
-        "import sys, numpy as np, torch\n"
-        f"program = torch.export.load({str(tmp_path / 'model.pt2')!r}).module()\n"
-        f"x = torch.as_tensor(np.load({str(tmp_path / 'x.npy')!r}))\n"
-        "with torch.no_grad(): y = program(x).numpy()\n"
-        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
-        "assert not any(m.startswith('matta') for m in sys.modules), 'matta was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": ""})
-    assert_close(np.load(tmp_path / "y.npy"), student.predict(x), "float32", "torch.export program")
-
-
 def test_backend_of_checks_keras_before_torch():
     from matta.backend import backend_of
 
@@ -229,33 +167,3 @@ def test_regression_task_trains_with_mse():
     after = model.evaluate(x, y)
     assert set(after["TA"]) == {"mse", "mae"}
     assert after["TA"]["mse"] < 0.3 * before["TA"]["mse"] and after["S"]["mse"] < 0.5 * before["S"]["mse"], (before, after)
-
-
-@pytest.mark.parametrize("names", SHARED_STEPS.values(), ids=SHARED_STEPS.keys())
-def test_the_shared_first_layer_equals_one_forward_per_granularity(names):
-    """``forward_many`` (the MLP's first layer once, at the widest term's width) gives every term's
-    output, and the training loss and gradients, of one ``forward`` per granularity."""
-    spec = MLP_SPEC
-    plan, options = step_plan(spec, names, {"hidden": [0.75, 24]}), LossOptions(temperature=2.0)
-    backend = get_backend("torch")
-    model = backend.build(spec, initial_weights(spec, 4, "float32"), device="cpu")
-    x, y = _data(spec, 32)
-    xt = torch.as_tensor(x)
-    with torch.no_grad():
-        for t, out in zip(plan.terms, model.forward_many(xt, [t.granularity for t in plan.terms])):
-            assert_close(out.numpy(), model(xt, t.granularity).numpy(), "float32", f"output {t.name} of {names}")
-
-    # The step (backend.loss_and_gradients runs forward_many) against the same loss over one forward per term.
-    loss, grads = backend.loss_and_gradients(model, x, Targets(hard=y), plan, options)
-    model.zero_grad(set_to_none=True)
-    expected, _ = composite_loss(OPS, {t.name: model(xt, t.granularity) for t in plan.terms},
-                                 Targets(hard=torch.as_tensor(y)), plan, options)
-    expected.backward()
-    assert loss == pytest.approx(expected.item(), rel=1e-5)
-    params = dict(model.named_parameters())
-    for name in spec.parameters():
-        key, transposed = torch_name(name)
-        g = params[key].grad
-        assert g is not None, name  # every weight has a prefix some term reads
-        assert_close(grads[name], (g.T if transposed else g).numpy(), "float32", f"gradient {name} of {names}")
-    model.zero_grad(set_to_none=True)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
 from keras import ops
 
+from matta.backend import FRAMEWORK_PACKAGES, Backend
 from matta.errors import OptionError
 from matta.losses import LossOptions, StepPlan, Targets
 from matta.nesting import Granularity
@@ -60,10 +61,14 @@ def _device_scope(device: Optional[str]):
         raise OptionError(f"device must be a device of this Keras engine such as 'cpu' or 'gpu:0'; got {device!r}") from exc
 
 
-class KerasBackend:
+class KerasBackend(Backend):
     """matta's Keras 3 backend (see :class:`matta.backend.Backend` for the contract)."""
 
     name = "keras"
+
+    def engine(self) -> str:
+        """The Keras engine of this process: ``"tensorflow"``, ``"jax"`` or ``"torch"``."""
+        return keras.backend.backend()
 
     def supports_dtype(self, spec: Spec, dtype: str) -> bool:
         """Whether this engine computes ``spec`` in ``dtype`` exactly (float64: TensorFlow only, see the docs)."""
@@ -94,6 +99,11 @@ class KerasBackend:
     def forward(self, model: NestedModel, x: np.ndarray, granularity: Granularity) -> np.ndarray:
         out = model.run(self._input(model.spec, model.compute_dtype_name, x), granularity)
         return np.asarray(ops.convert_to_numpy(out))
+
+    def forward_many(self, model: NestedModel, x: np.ndarray, granularities: Sequence[Granularity]) -> list[np.ndarray]:
+        """One ``run_many`` call: the nested MLP computes its first layer once for every granularity."""
+        outs = model.run_many(self._input(model.spec, model.compute_dtype_name, x), list(granularities))
+        return [np.asarray(ops.convert_to_numpy(out)) for out in outs]
 
     def _targets(self, dtype: str, targets: Targets[np.ndarray]) -> Targets[Any]:
         convert = lambda a, dt: None if a is None else ops.convert_to_tensor(np.asarray(a, dtype=dt), dtype=dt)  # noqa: E731
@@ -154,6 +164,19 @@ class KerasBackend:
         """Writes ``model.keras``: built-in layers and ``keras.ops`` only, loadable without matta (safe mode on)."""
         model.save(os.path.join(directory, "model.keras"))
         return ["model.keras"]
+
+    def export_loader(self, directory: str) -> str:
+        """Loads ``model.keras`` with ``keras.saving.load_model`` in safe mode (token ids as int32)."""
+        return (
+            "import numpy as np, keras\n"
+            f"_model = keras.saving.load_model({os.path.join(directory, 'model.keras')!r}, safe_mode=True)\n"
+            "def predict(x):\n"
+            "    x = x.astype('int32') if np.issubdtype(x.dtype, np.integer) else x\n"
+            "    return np.asarray(keras.ops.convert_to_numpy(_model(x, training=False)))\n"
+        )
+
+    def model_packages(self) -> tuple[str, ...]:
+        return FRAMEWORK_PACKAGES["keras"]
 
 
 backend = KerasBackend()

@@ -1,7 +1,7 @@
 """The numpy backend: the reference spec behind the backend contract.
 
 It exists for two reasons. It puts the numpy reference into the conformance
-suite as a target like any other (``pytest spec_tests --backends=numpy``), and
+suite as a target like any other (``pytest --pyargs matta.spec_tests --backends=numpy``), and
 it is the smallest complete example of a backend for a third party to copy:
 every member of :class:`matta.backend.Backend` in about a hundred lines.
 
@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from matta import reference
+from matta.backend import Backend
 from matta.errors import OptionError
 from matta.losses import LossOptions, NumpyOps, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
@@ -38,7 +39,7 @@ class NumpyModel:
         self.weights = {k: np.array(v, copy=True) for k, v in weights.items()}
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     """The reference as a backend (see :class:`matta.backend.Backend`)."""
 
     name = "numpy"

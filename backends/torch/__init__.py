@@ -8,13 +8,14 @@ rule P2 layout; PyTorch's ``(out, in)`` kernels are transposed on the way.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matta.backend import FRAMEWORK_PACKAGES, Backend
 from matta.errors import OptionError
 from matta.losses import LossOptions, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
@@ -72,7 +73,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """matta's PyTorch backend (see :class:`matta.backend.Backend` for the contract)."""
 
     name = "torch"
@@ -117,6 +118,11 @@ class TorchBackend:
     def forward(self, model: nn.Module, x: np.ndarray, granularity: Granularity) -> np.ndarray:
         with torch.no_grad():
             return model(self._input(model, x), granularity).cpu().numpy()
+
+    def forward_many(self, model: nn.Module, x: np.ndarray, granularities: Sequence[Granularity]) -> list[np.ndarray]:
+        """One ``forward_many`` call: the nested MLP computes its first layer once for every granularity."""
+        with torch.no_grad():
+            return [out.cpu().numpy() for out in model.forward_many(self._input(model, x), list(granularities))]
 
     def _targets(self, model: nn.Module, targets: Targets[np.ndarray]) -> Targets[torch.Tensor]:
         device, dtype = _model_device(model), _model_dtype(model)
@@ -230,6 +236,19 @@ class TorchBackend:
         program = torch.export.export(model, example, dynamic_shapes=dynamic)
         torch.export.save(program, os.path.join(directory, "model.pt2"))
         return ["model.pt2"]
+
+    def export_loader(self, directory: str) -> str:
+        """Loads ``model.pt2`` with ``torch.export.load`` alone."""
+        return (
+            "import numpy as np, torch\n"
+            f"_program = torch.export.load({os.path.join(directory, 'model.pt2')!r}).module()\n"
+            "def predict(x):\n"
+            "    with torch.no_grad():\n"
+            "        return _program(torch.as_tensor(x)).numpy()\n"
+        )
+
+    def model_packages(self) -> tuple[str, ...]:
+        return FRAMEWORK_PACKAGES["torch"]
 
 
 def _attach_spec(module: nn.Module, spec: Spec) -> None:
