@@ -126,7 +126,7 @@ _activate = activation
 # ------------------------------------------------------------------ the families
 
 
-def mlp(spec: MLP, weights: Mapping[str, Any], x, dtype: str, start: int = 0, stop: Optional[int] = None):
+def mlp(spec: MLP, weights: Mapping[str, Any], x: Any, dtype: str, start: int = 0, stop: Optional[int] = None):
     """The MLP of ``spec`` on ``weights``: dense layers ``start`` to ``stop - 1`` (all by default).
 
     Args:
@@ -141,7 +141,7 @@ def mlp(spec: MLP, weights: Mapping[str, Any], x, dtype: str, start: int = 0, st
     return mlp_graph(spec, x, WeightLayers(weights, dtype), start, stop)
 
 
-def transformer(spec: Transformer, weights: Mapping[str, Any], ids, dtype: str):
+def transformer(spec: Transformer, weights: Mapping[str, Any], ids: Any, dtype: str):
     """The GPT-2-style Transformer of ``spec`` on ``weights``: logits ``(batch, time, vocab)``.
 
     Args:

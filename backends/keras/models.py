@@ -64,7 +64,7 @@ class NestedModel(keras.Model):
         assert len({keras_name(n) for n in params}) == len(params), "keras names must stay unique"
         self.built = True
 
-    def run(self, x, granularity: Granularity):
+    def run(self, x: Any, granularity: Granularity):
         """The sub-network's output at ``granularity`` (rules S1–S4, D1–D2).
 
         Args:
@@ -73,7 +73,7 @@ class NestedModel(keras.Model):
         """
         return self.run_many(x, (granularity,))[0]
 
-    def run_many(self, x, granularities: Sequence[Granularity]) -> list:
+    def run_many(self, x: Any, granularities: Sequence[Granularity]) -> list:
         """The outputs at several granularities on one input, in order; what a training step calls.
 
         Each output is the family's functional forward of the sub-network's spec,
