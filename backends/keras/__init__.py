@@ -4,7 +4,9 @@ Written once over ``keras.ops``; ``KERAS_BACKEND`` picks the engine (Keras reads
 once per process). Implements :class:`matta.backend.Backend`:
 
 * the nested TA is :class:`~matta.backends.keras.models.NestedModel` (one variable
-  per spec parameter, rule P2 layout, sliced at call time);
+  per spec parameter, rule P2 layout); ``forward`` and ``loss_and_gradients`` run
+  the functional forward of ``matta.nesting.plan(spec, g).spec`` over the variables
+  read through that plan, so every size and slice bound comes from the core;
 * training goes through Keras' own ``Model.fit``
   (:mod:`matta.backends.keras.training`), so Keras callbacks work;
 * extracted models are functional ``keras.Model`` s of built-in layers, saved as
