@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
+import matta.spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
 from matta.cost import flops
 from matta.errors import InputTypeError, OptionError
 from matta.extraction import extract
 from matta.onnx import build_model
 from matta.specs import MLP, Spec, Transformer
-from spec_tests.strategies import granularities, specs, weights_for
+from matta.spec_tests.strategies import granularities, specs, weights_for
 
 
 def test_hand_counts_of_tiny_specs() -> None:

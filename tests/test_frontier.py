@@ -15,7 +15,7 @@ import torch  # a missing torch is an error, never a skip
 from hypothesis import given
 from hypothesis import strategies as st
 
-import spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
+import matta.spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
 from matta import MLP, MatTA, Transformer, resolve
 from matta.cost import flops
 from matta.errors import GranularityError, InputError, OptionError

@@ -29,7 +29,7 @@ from matta.errors import FormatError, OptionError, SpecError
 from matta.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, read_gpt2, write_gpt2
 from matta.nesting import resolve
 from matta.weights import initial_weights
-from spec_tests.strategies import transformers, weights_for
+from matta.spec_tests.strategies import transformers, weights_for
 
 _PROFILE = os.environ.get("MATTA_HYPOTHESIS_PROFILE", "dev")
 _DERANDOMIZE = _PROFILE != "thorough"

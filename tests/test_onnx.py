@@ -19,14 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
+import matta.spec_tests.conftest  # noqa: F401 - registers and loads the suite's Hypothesis profiles
 from matta import reference
 from matta.errors import BackendError, FormatError, InputError, InputTypeError, OptionError
 from matta.extraction import extract
 from matta.onnx import DEFAULT_OPSET, OPSETS, build_model, export
 from matta.specs import ACTIVATIONS, MLP, Spec, Transformer, spec_from_dict
-from spec_tests.assertions import LAYER_NORM_SLACK
-from spec_tests.strategies import granularities, specs, weights_for
+from matta.spec_tests.assertions import LAYER_NORM_SLACK
+from matta.spec_tests.strategies import granularities, specs, weights_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("matta", "spec_tests", "torch", "keras", "tensorflow", "jax")

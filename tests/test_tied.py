@@ -20,7 +20,7 @@ from matta.errors import SpecError
 from matta.nesting import full, plan, relative_to, resolve, sub_spec
 from matta.specs import Transformer, spec_from_dict
 from matta.weights import initial_weights
-from spec_tests.strategies import granularities, inputs_for, nested_pairs, transformers, weights_for
+from matta.spec_tests.strategies import granularities, inputs_for, nested_pairs, transformers, weights_for
 
 _PROFILE = os.environ.get("MATTA_HYPOTHESIS_PROFILE", "dev")
 _EXAMPLES = {"smoke": 5, "dev": 25, "ci": 200, "thorough": 2000}.get(_PROFILE, 25)
