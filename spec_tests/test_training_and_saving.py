@@ -126,7 +126,8 @@ def test_a_saved_folder_loads_without_pickle_and_its_export_without_matta(backen
     student = model.extract("S")
     files = student.save(str(tmp_path))
     assert {"spec.json", "weights.safetensors"} <= set(files) and len(files) == len(set(files)), files
-    assert sorted(files) == sorted(os.listdir(tmp_path)), (files, os.listdir(tmp_path))
+    # The folder holds exactly the files written plus the manifest that checks them (rule E6).
+    assert sorted([*files, "manifest.json"]) == sorted(os.listdir(tmp_path)), (files, os.listdir(tmp_path))
     meta = json.loads((tmp_path / "spec.json").read_text())
     assert meta["spec"]["n_layers"] == 2 and meta["source"]["name"] == "S" and meta["num_params"] == student.num_params
 
