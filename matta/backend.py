@@ -1,4 +1,4 @@
-"""The backend contract (DESIGN §6) and the registry that finds backends lazily.
+"""The backend contract (docs/backends/index.md) and the registry that finds backends lazily.
 
 A backend is any object with the members of :class:`Backend`. matta ships
 ``"torch"`` and ``"keras"``; a third party registers one through the
@@ -128,7 +128,7 @@ def backend_of(model: Any) -> str:
     """The backend name of a native model object, without importing any framework.
 
     Keras is checked before torch: a Keras layer on the torch backend is also a
-    ``torch.nn.Module`` (DESIGN §6).
+    ``torch.nn.Module``.
     """
     modules = [c.__module__ for c in type(model).__mro__]
     if any(m == "keras" or m.startswith(("keras.", "tf_keras")) for m in modules):

@@ -24,7 +24,7 @@ DEFAULT_STUDENTS = {"S": 0.25}
 
 
 class MatTA:
-    """A TA with Students nested inside it, trained together (DESIGN §1, §4).
+    """A TA with Students nested inside it, trained together (rules N1, L1–L6).
 
     Example:
         >>> from matta import MatTA, MLP
@@ -164,7 +164,7 @@ class MatTA:
         progress: Optional[bool] = None,
         **backend_options: Any,
     ) -> dict[str, list]:
-        """Co-trains the TA and the Students with the composite loss (DESIGN §4).
+        """Co-trains the TA and the Students with the composite loss (rules L1–L6).
 
         Args:
             x: inputs (MLP: ``(n, d_in)`` features; Transformer: ``(n, time)`` token ids).

@@ -1,4 +1,4 @@
-"""The benchmark keeps working (DESIGN: goals are checked by the benchmark, not by timed tests)."""
+"""The benchmark keeps working (speed goals are checked by the benchmark, not by timed tests)."""
 
 from __future__ import annotations
 

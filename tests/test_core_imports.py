@@ -1,4 +1,4 @@
-"""House rule: the core never imports a deep-learning framework (DESIGN §2)."""
+"""House rule: the core never imports a deep-learning framework."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def _data(spec, n, seed=0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
 def test_nested_forward_matches_the_reference_and_extraction_is_bit_exact(spec, dtype):
-    """DESIGN §7.1 and §7.2 at sizes where BLAS blocking matters (batch 32)."""
+    """Conformance properties 1 and 2 at sizes where BLAS blocking matters (batch 32)."""
     model = MatTA(spec, students={}, backend="keras", dtype=dtype, seed=1)
     x, _ = _data(spec, 32)
     weights = model.weights

@@ -1,4 +1,4 @@
-"""A third party can point the conformance suite at its own backend module (issue 3, item 6).
+"""A third party can point the conformance suite at its own backend module.
 
 ``matta.backends.numpy`` is the worked example: the suite runs against it by
 *module path*, the route a backend outside matta takes. A module that does not

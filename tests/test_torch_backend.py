@@ -50,7 +50,7 @@ def _data(spec, n, seed=0):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
 def test_extracted_equals_nested_bit_for_bit_at_real_sizes(spec, dtype, device):
-    """DESIGN §7.2 at sizes where BLAS blocking matters (batch 32), on every available device."""
+    """Conformance property 2 at sizes where BLAS blocking matters (batch 32), on every available device."""
     model = MatTA(spec, students={}, backend="torch", dtype=dtype, device=device, seed=1)
     x, _ = _data(spec, 32)
     for g in GRANULARITIES[spec.family]:

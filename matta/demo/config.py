@@ -65,7 +65,7 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
 
-# The base recipe (DESIGN §4 options); each task's tuned variant below (chosen in docs/results.md).
+# The base recipe (options of rules L4–L6); each task's tuned variant below (chosen in docs/results.md).
 _LOSS = dict(temperature=2.0, distill_weight=0.5, ramp="linear", ramp_start=0, ramp_end=None)
 # Digits (tuned in docs/results.md): τ 1, per-layer Mix'n'Match mixes trained every step (rule T5) so the
 # Mix'n'Match frontier is monotone, and M weighted 2 because it shares its units with S and the mixes.
