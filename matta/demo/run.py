@@ -65,10 +65,9 @@ def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[st
     Why ``d_model`` does not widen on its own: a wider residual stream with
     every block still at the smaller size adds parameters to every projection
     but no heads or FFN units. In the text tuning runs (docs/results.md, all 27
-    mixes of one trained model scored) that mix was *worse* than the smaller
-    model (3.08 vs 2.87 bits/char for ``d32`` with S-sized blocks against S),
-    and so was a block widened at the narrow ``d_model``, while ``d_model``
-    widened with the first block was better (2.64).
+    mixes of one trained model scored) that mix scores *worse* than the smaller
+    model, and so does a block widened at the narrow ``d_model``, while
+    ``d_model`` widened with the first block scores better.
 
     Returns:
         ``[(label, granularity dict), ...]`` in order of growing size.
