@@ -6,7 +6,11 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import matta
+
+pytestmark = pytest.mark.subprocess
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax")
 

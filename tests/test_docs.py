@@ -139,6 +139,7 @@ def _case_id(page: str) -> str:
     return f"{page}-keras-{os.environ.get('KERAS_BACKEND', 'tensorflow')}" if KERAS_MODE else page
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("page", CASES, ids=[_case_id(p) for p in CASES])
 def test_python_blocks_run(page: str, tmp_path: Path) -> None:
     """Property (a): every Python block of ``page`` runs without error, in order."""
@@ -215,6 +216,7 @@ def _remote(url: str) -> bool:
     return bool(re.match(r"^(https?:)?//", url.strip(), re.I))
 
 
+@pytest.mark.subprocess
 def test_mkdocs_build_strict_and_offline(tmp_path: Path) -> None:
     """Property (b): ``mkdocs build --strict`` passes and the site loads nothing from the network."""
     site = tmp_path / "site"
@@ -247,6 +249,7 @@ def test_mkdocs_build_strict_and_offline(tmp_path: Path) -> None:
     assert "fonts.googleapis" not in spec and "fonts.gstatic" not in spec
 
 
+@pytest.mark.subprocess
 def test_diagram_script_draws_every_committed_diagram(tmp_path: Path) -> None:
     """``docs/scripts/diagrams.py`` still runs, and writes exactly the SVGs the docs commit and show."""
     proc = subprocess.run(
@@ -263,6 +266,7 @@ def test_diagram_script_draws_every_committed_diagram(tmp_path: Path) -> None:
         assert any(f"assets/{name}" in p.read_text(encoding="utf-8") for p in pages()), f"{name} is not shown on any page"
 
 
+@pytest.mark.subprocess
 def test_results_script_prints_the_table_it_documents(tmp_path: Path) -> None:
     """``docs/scripts/results_digits.py`` (behind docs/results.md) still runs: a 3-step, 1-seed smoke run."""
     proc = subprocess.run(

@@ -158,6 +158,7 @@ def test_weights_round_trip_and_from_weights():
     assert all(not v.any() for v in clone.weights.values())
 
 
+@pytest.mark.subprocess
 def test_save_load_and_export_run_without_matta(tmp_path, monkeypatch):
     """Rule E5: safetensors + JSON load into matta without unpickling; model.pt2 loads with plain torch."""
     model = MatTA(LM_SPEC, students={"S": {"d_ff": 0.25, "layers": [0, 2]}}, backend="torch", seed=3)
