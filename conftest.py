@@ -9,10 +9,11 @@ framework; subprocesses that tests start inherit them. ``MATTA_TEST_THREADS``
 changes the count for a whole run. Each variable's effect on its framework is
 checked by ``tests/test_threads.py``.
 
-A test that needs more threads says so with ``@pytest.mark.threads(n)``: torch
-in the test process (its pool can be resized at any time) and every subprocess
-the test starts then get ``n`` threads (the markers are registered in pyproject.toml). TensorFlow's and JAX's pools are fixed
-when they start, so a test that needs them wider runs them in a subprocess.
+A test that needs more threads says so with ``@pytest.mark.threads(n)``
+(markers are registered in pyproject.toml): torch in the test process (its pool
+can be resized at any time) and every subprocess the test starts then get ``n``
+threads. TensorFlow's and JAX's pools are fixed when they start, so a test that
+needs them wider runs them in a subprocess.
 """
 
 from __future__ import annotations
