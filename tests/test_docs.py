@@ -346,7 +346,7 @@ def test_the_spec_defines_every_rule_the_code_cites() -> None:
 
 
 #: Samples for the self-test below: references the check must refuse, text it must let through, a rule range.
-FOREIGN_SAMPLES = ["see DESIGN §6", "as in issue 4", "Issue #12 asks", "per §7.2"]
+FOREIGN_SAMPLES = ["see DESIGN section 6", "as in issue 4", "Issue #12 asks", "per §7.2"]
 FINE_SAMPLES = ["rule S1", "the design of rule T5", "an issue with batches", "docs/backends/index.md"]
 RULE_SAMPLE = "rules G1–G3, N1 and rule Z9c"
 #: Lines of this file that define the patterns and samples, left out of its own check.
