@@ -42,7 +42,13 @@ test-keras-torch: install
 	KERAS_BACKEND=torch MATTA_DOCS_KERAS=1 MATTA_HYPOTHESIS_PROFILE=$(KERAS_PROFILE) $(PYTHON) -m pytest -q -p no:cacheprovider $(KERAS_TESTS)
 test-keras: test-keras-tensorflow test-keras-jax test-keras-torch
 
-test: install test-core test-keras
+# The four suites two at a time, one framework thread each (root conftest.py), so both cores work:
+# the longest (JAX) starts first and the other three follow it on the second core. -k runs every suite
+# even after one fails; each suite's output is printed whole when it ends; the exit code fails if any does.
+SUITES := test-keras-jax test-core test-keras-tensorflow test-keras-torch
+TEST_JOBS ?= 2
+test: install
+	$(MAKE) --no-print-directory -k -j$(TEST_JOBS) --output-sync=target $(SUITES)
 
 # The documentation site (mkdocs-material; builds and serves offline).
 docs: install

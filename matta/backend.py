@@ -1,4 +1,4 @@
-"""The backend contract and the registry that finds backends lazily.
+"""The backend contract (docs/backends/index.md) and the registry that finds backends lazily.
 
 A backend is any object with the members of :class:`Backend`. matta ships
 ``"numpy"``, ``"torch"`` and ``"keras"``; a third party registers one through the

@@ -34,7 +34,7 @@ class SpecError(MattaError, ValueError):
 
 
 class GranularityError(MattaError, ValueError):
-    """A granularity does not fit the spec (DESIGN §3, spec rules G1–G4)."""
+    """A granularity does not fit the spec (rules G1–G4)."""
 
 
 class NestingError(GranularityError):

@@ -1,4 +1,4 @@
-"""Loss composition (DESIGN §4; spec rules L1–L6 and T1–T3).
+"""Loss composition (rules L1–L6 and T1–T3).
 
 ::
 
@@ -309,7 +309,7 @@ def distillation_loss(ops: Ops[T], z: T, z_parent: T, options: LossOptions) -> T
 def composite_loss(
     ops: Ops[T], outputs: Mapping[str, T], targets: Targets[T], plan: StepPlan, options: LossOptions
 ) -> tuple[T, dict[str, T]]:
-    """The DESIGN §4 loss of one step.
+    """The composite loss of one step (rules L1–L6).
 
     Args:
         ops: the backend's array operations.

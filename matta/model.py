@@ -27,7 +27,7 @@ DEFAULT_STUDENTS = {"S": 0.25}
 
 
 class MatTA:
-    """A TA with Students nested inside it, trained together (DESIGN §1, §4).
+    """A TA with Students nested inside it, trained together (rules N1, L1–L6).
 
     Example:
         >>> from matta import MatTA, MLP
@@ -105,6 +105,8 @@ class MatTA:
         self.backend = get_backend(backend)
         self.device = device
         self.model = self.backend.build(self.spec, weights, device=device)
+        # Steps of each finished fit, in order; the next fit draws its batches from seed + len(_fits).
+        self._fits: list[int] = []
 
     @classmethod
     def from_weights(
@@ -165,7 +167,7 @@ class MatTA:
         progress: Optional[bool] = None,
         **backend_options: Any,
     ) -> dict[str, list]:
-        """Co-trains the TA and the Students with the composite loss (DESIGN §4).
+        """Co-trains the TA and the Students with the composite loss (rules L1–L6).
 
         Args:
             x: inputs (MLP: ``(n, d_in)`` features; Transformer: ``(n, time)`` token ids).
@@ -213,7 +215,7 @@ class MatTA:
             on_epoch_end = lambda epoch: self.evaluate(x_val, y_val)  # noqa: E731
         run = TrainingRun(
             spec=self.spec, x=x, y=y, teacher=teacher, options=self.options, schedule=self.schedule,
-            steps=total, batch_size=int(batch_size), seed=self.seed + len(getattr(self, "_fits", [])),
+            steps=total, batch_size=int(batch_size), seed=self.seed + len(self._fits),
             dtype=self.dtype, progress=total >= 50 if progress is None else bool(progress),
             learning_rate_schedule=self.learning_rate_schedule, warmup_steps=self.warmup_steps,
             steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
@@ -222,7 +224,7 @@ class MatTA:
             self.model, run, optimizer=self.optimizer, learning_rate=self.learning_rate,
             weight_decay=self.weight_decay, **backend_options,
         )
-        self._fits = getattr(self, "_fits", []) + [total]
+        self._fits.append(total)
         return {"steps": run.history, "epochs": run.epoch_logs}
 
     # ------------------------------------------------------------------ inference

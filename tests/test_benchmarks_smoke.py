@@ -1,4 +1,4 @@
-"""The benchmark keeps working (DESIGN: goals are checked by the benchmark, not by timed tests)."""
+"""The benchmark keeps working (speed goals are checked by the benchmark, not by timed tests)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import math
 import os
 import subprocess
 import sys
+
+import pytest
+
+pytestmark = pytest.mark.subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

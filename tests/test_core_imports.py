@@ -1,4 +1,4 @@
-"""House rule: the core never imports a deep-learning framework (DESIGN §2)."""
+"""House rule: the core never imports a deep-learning framework."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import matta
+
+pytestmark = pytest.mark.subprocess
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax")
 

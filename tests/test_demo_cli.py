@@ -10,12 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("rich")
-pytest.importorskip("torch")
-
-from matta.__main__ import main  # noqa: E402
+from matta.__main__ import main
 
 HEAVY = ("sklearn", "matplotlib", "rich", "torch", "tensorflow", "keras", "jax")
 
@@ -77,6 +72,7 @@ def test_rerun_reuses_cached_teachers_and_reproduces_every_number(two_runs):
             assert [r["loss"] for r in again["per_seed"]] == [r["loss"] for r in e["per_seed"]], name
 
 
+@pytest.mark.subprocess
 def test_python_dash_m_and_help(tmp_path):
     out = subprocess.run([sys.executable, "-m", "matta", "demo", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--full", "--smoke", "--backend", "--seeds", "--out", "--cache"):
@@ -88,6 +84,7 @@ def test_bad_option_is_a_matta_error_not_a_traceback(capsys):
     assert "matta demo: error: --seeds must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_importing_matta_and_the_demo_package_stays_light():
     code = (
         "import sys, matta, matta.demo, matta.__main__\n"

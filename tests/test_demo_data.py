@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-
-from matta.demo import data  # noqa: E402
-from matta.errors import InputError  # noqa: E402
+from matta.demo import data
+from matta.errors import InputError
 
 
 def test_digits_split_is_stratified_fixed_and_covers_every_image():

@@ -67,7 +67,6 @@ def test_metrics_json_schema(tmp_path):
 
 
 def test_pareto_png_is_a_real_image(tmp_path):
-    pytest.importorskip("matplotlib")
     import matplotlib.image
 
     res = {"digits": report.summarize(_result()), "text": {**report.summarize(_result()), "task": "text"}}
@@ -80,7 +79,6 @@ def test_pareto_png_is_a_real_image(tmp_path):
 
 
 def test_rich_table_prints_every_model():
-    pytest.importorskip("rich")
     from rich.console import Console
 
     console = Console(record=True, width=160)

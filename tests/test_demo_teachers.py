@@ -8,12 +8,9 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("torch")
-
-from matta.demo.config import task_configs  # noqa: E402
-from matta.demo import data  # noqa: E402
-from matta.demo.teachers import BatchMemo, get_teacher, teacher_key  # noqa: E402
+from matta.demo.config import task_configs
+from matta.demo import data
+from matta.demo.teachers import BatchMemo, get_teacher, teacher_key
 
 
 @pytest.fixture(scope="module")

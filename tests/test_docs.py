@@ -139,6 +139,7 @@ def _case_id(page: str) -> str:
     return f"{page}-keras-{os.environ.get('KERAS_BACKEND', 'tensorflow')}" if KERAS_MODE else page
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("page", CASES, ids=[_case_id(p) for p in CASES])
 def test_python_blocks_run(page: str, tmp_path: Path) -> None:
     """Property (a): every Python block of ``page`` runs without error, in order."""
@@ -215,6 +216,7 @@ def _remote(url: str) -> bool:
     return bool(re.match(r"^(https?:)?//", url.strip(), re.I))
 
 
+@pytest.mark.subprocess
 def test_mkdocs_build_strict_and_offline(tmp_path: Path) -> None:
     """Property (b): ``mkdocs build --strict`` passes and the site loads nothing from the network."""
     site = tmp_path / "site"
@@ -247,6 +249,7 @@ def test_mkdocs_build_strict_and_offline(tmp_path: Path) -> None:
     assert "fonts.googleapis" not in spec and "fonts.gstatic" not in spec
 
 
+@pytest.mark.subprocess
 def test_diagram_script_draws_every_committed_diagram(tmp_path: Path) -> None:
     """``docs/scripts/diagrams.py`` still runs, and writes exactly the SVGs the docs commit and show."""
     proc = subprocess.run(
@@ -263,6 +266,7 @@ def test_diagram_script_draws_every_committed_diagram(tmp_path: Path) -> None:
         assert any(f"assets/{name}" in p.read_text(encoding="utf-8") for p in pages()), f"{name} is not shown on any page"
 
 
+@pytest.mark.subprocess
 def test_results_script_prints_the_table_it_documents(tmp_path: Path) -> None:
     """``docs/scripts/results_digits.py`` (behind docs/results.md) still runs: a 3-step, 1-seed smoke run."""
     proc = subprocess.run(
@@ -281,25 +285,55 @@ def test_results_script_prints_the_table_it_documents(tmp_path: Path) -> None:
 
 
 RULE_REF = re.compile(r"\b[Rr]ules?\s+((?:[A-Z]\d+[a-c]?(?:\s*[–-]\s*[A-Z]?\d+)?(?:\s*,\s*|\s+and\s+|\s+)?)+)")
+#: A reference to something outside the repository's spec: a design-document section or an issue.
+FOREIGN_REF = re.compile(r"§|\bDESIGN\b|\b[Ii]ssues?\s+#?\d+")
+#: The repository's code, tests and docs: the files that may cite rules (vendored assets excluded).
+SOURCE_DIRS = ("matta", "backends", "tests", "spec_tests", "benchmarks", "docs", ".ci")
+SOURCE_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".cfg", ".txt", ""}
+ROOT_FILES = ("README.md", "Makefile", "pyproject.toml", "mkdocs.yml", "conftest.py")
+
+
+def sources() -> list[Path]:
+    """Every text file of the code, tests and docs, once (``matta/backends`` may link to ``backends/``)."""
+    found: dict[Path, Path] = {}
+    candidates = [ROOT / name for name in ROOT_FILES]
+    for folder in SOURCE_DIRS:
+        candidates += [p for p in (ROOT / folder).rglob("*") if p.is_file()]
+    for path in candidates:
+        rel = path.relative_to(ROOT).parts
+        if path.suffix in SOURCE_SUFFIXES and "javascripts" not in rel and "__pycache__" not in rel and path.exists():
+            found.setdefault(path.resolve(), path)
+    return sorted(found.values())
+
+
+def _rules_in(text: str) -> set[str]:
+    """Rule IDs a text names ("rule S3", "rules G1–G4, N1", "Rules S1 and D2", "rule G1c"), ranges expanded."""
+    cited: set[str] = set()
+    for group in RULE_REF.findall(re.sub(r"\s+", " ", text)):
+        for a, b, c in re.findall(r"([A-Z])(\d+)(?:[a-c])?(?:\s*[–-]\s*[A-Z]?(\d+))?", group):
+            cited.update(f"{a}{i}" for i in range(int(b), int(c or b) + 1))
+        cited.update(re.findall(r"[A-Z]\d+[a-c]", group))
+    return cited
 
 
 def _cited_rules() -> set[str]:
-    """Rule IDs the code names ("rule S3", "rules G1–G4, N1", "Rules S1 and D2", "rule G1c"), ranges expanded."""
+    """Rule IDs the library's code (``matta/`` and ``backends/``) names."""
     cited: set[str] = set()
     for path in [*(ROOT / "matta").rglob("*.py"), *(ROOT / "backends").rglob("*.py")]:
-        text = re.sub(r"\s+", " ", path.read_text(encoding="utf-8"))
-        for group in RULE_REF.findall(text):
-            for a, b, c in re.findall(r"([A-Z])(\d+)(?:[a-c])?(?:\s*[–-]\s*[A-Z]?(\d+))?", group):
-                cited.update(f"{a}{i}" for i in range(int(b), int(c or b) + 1))
-            cited.update(re.findall(r"[A-Z]\d+[a-c]", group))
+        cited |= _rules_in(path.read_text(encoding="utf-8"))
     return cited
+
+
+def _spec_rules() -> tuple[set[str], set[str]]:
+    """The numbered rules of docs/spec.md and their lettered sub-rules."""
+    spec = (DOCS / "spec.md").read_text(encoding="utf-8")
+    defined = set(re.findall(r"^### ([A-Z]\d+) — .*\{#[a-z]\d+\}$", spec, re.M))
+    return defined, set(re.findall(r"^\*\*([A-Z]\d+[a-c]) — ", spec, re.M))
 
 
 def test_the_spec_defines_every_rule_the_code_cites() -> None:
     """Each rule ID in a code comment or docstring is a numbered rule of docs/spec.md, and vice versa."""
-    spec = (DOCS / "spec.md").read_text(encoding="utf-8")
-    defined = set(re.findall(r"^### ([A-Z]\d+) — .*\{#[a-z]\d+\}$", spec, re.M))
-    sub_rules = set(re.findall(r"^\*\*([A-Z]\d+[a-c]) — ", spec, re.M))
+    defined, sub_rules = _spec_rules()
     assert defined == {
         "P1", "P2", "P3", "G1", "G2", "G3", "G4", "S1", "S2", "S3", "S4", "D1", "D2", "N1",
         "L1", "L2", "L3", "L4", "L5", "L6", "T1", "T2", "T3", "T4", "T5", "T6", "E1", "E2", "E3", "E4", "E5", "E6",
@@ -309,3 +343,43 @@ def test_the_spec_defines_every_rule_the_code_cites() -> None:
     assert cited <= defined | sub_rules, f"cited but not defined in docs/spec.md: {sorted(cited - defined - sub_rules)}"
     assert defined <= cited, f"defined in docs/spec.md but named by no code: {sorted(defined - cited)}"
     assert {"G1a", "G1b", "G1c"} <= sub_rules
+
+
+#: Samples for the self-test below: references the check must refuse, text it must let through, a rule range.
+FOREIGN_SAMPLES = ["see DESIGN section 6", "as in issue 4", "Issue #12 asks", "per §7.2"]
+FINE_SAMPLES = ["rule S1", "the design of rule T5", "an issue with batches", "docs/backends/index.md"]
+RULE_SAMPLE = "rules G1–G3, N1 and rule Z9c"
+#: Lines of this file that define the patterns and samples, left out of its own check.
+SELF_LINES = ("FOREIGN_REF = ", "FOREIGN_SAMPLES = ", "RULE_SAMPLE = ")
+
+
+def _checked_text(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
+    if path.resolve() == Path(__file__).resolve():
+        text = "\n".join("" if line.startswith(SELF_LINES) else line for line in text.split("\n"))
+    return text
+
+
+def test_code_tests_and_docs_cite_only_the_specs_rules() -> None:
+    """Every reference in the repository's code, tests and docs is a rule of docs/spec.md: no rule the
+    spec lacks, no section of a design document outside the repository, no issue number."""
+    defined, sub_rules = _spec_rules()
+    files = sources()
+    assert {ROOT / "matta" / "model.py", DOCS / "spec.md", ROOT / "Makefile", Path(__file__)} <= set(files)
+    undefined, foreign = [], []
+    for path in files:
+        text = _checked_text(path)
+        rel = path.relative_to(ROOT)
+        undefined += [f"{rel}: rule {rule}" for rule in sorted(_rules_in(text) - defined - sub_rules)]
+        foreign += [f"{rel}:{n}: {line.strip()}" for n, line in enumerate(text.splitlines(), 1) if FOREIGN_REF.search(line)]
+    assert not undefined, f"rules cited but not defined in docs/spec.md: {undefined}"
+    assert not foreign, "references outside the spec (cite a rule ID of docs/spec.md instead):\n" + "\n".join(foreign)
+
+
+def test_the_reference_checks_catch_what_they_forbid() -> None:
+    """The patterns find each foreign reference and expand a rule range (so the check above can fail)."""
+    assert all(FOREIGN_REF.search(bad) for bad in FOREIGN_SAMPLES)
+    assert not any(FOREIGN_REF.search(fine) for fine in FINE_SAMPLES)
+    assert _rules_in(RULE_SAMPLE) == {"G1", "G2", "G3", "N1", "Z9", "Z9c"}
+    assert FOREIGN_REF.search(Path(__file__).read_text(encoding="utf-8")) and not FOREIGN_REF.search(
+        _checked_text(Path(__file__))), "only the pattern and sample lines are left out of this file's check"

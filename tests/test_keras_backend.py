@@ -351,6 +351,7 @@ def test_optimizer_and_fit_options():
                                                                                                 progress=False)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("spec", [MLP_SPEC, LM_SPEC], ids=["mlp", "transformer"])
 def test_model_keras_loads_and_predicts_without_matta(spec, tmp_path):
     """A `.keras` Student loads with keras.saving.load_model (safe mode) in a process that never imports matta."""
@@ -426,6 +427,7 @@ def _scratch_faults(**env) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.subprocess
 def test_a_jax_step_reuses_its_scratch_memory_instead_of_faulting_it_in_every_step():
     """JAX on CPU: a step's scratch block above 32 MiB stays mapped across steps (engine.reuse_step_memory)."""
     assert engine.malloc_left_alone({"MATTA_TUNE_MALLOC": "0"}) and engine.malloc_left_alone({"MALLOC_ARENA_MAX": "2"})

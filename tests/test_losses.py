@@ -35,7 +35,7 @@ def test_ramp_shapes():
 
 
 def test_composite_loss_by_hand():
-    """DESIGN §4 formula with hard labels, chain parent and τ = 2."""
+    """The composite loss (rules L1–L6) with hard labels, chain parent and τ = 2."""
     z_ta, z_a, z_b = np.array([[2.0, 0.0, -1.0]]), np.array([[1.0, 0.5, 0.0]]), np.array([[0.0, 0.0, 1.0]])
     y = np.array([0])
     opts = LossOptions(parent="chain", temperature=2.0, ta_weight=0.5)

@@ -1,6 +1,6 @@
 """The main job, ``matta demo``: Teacher -> TA -> Students on real offline data, with a report.
 
-Two tasks (DESIGN §8, issue 4):
+Two tasks:
 
 * **digits** (task A): classification with the MLP family on scikit-learn's
   bundled 8x8 handwritten digits;

@@ -65,7 +65,7 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
 
-# The base recipe (DESIGN §4 options); each task's tuned variant below (chosen in docs/results.md).
+# The base recipe (options of rules L4–L6); each task's tuned variant below (chosen in docs/results.md).
 _LOSS = dict(temperature=2.0, distill_weight=0.5, ramp="linear", ramp_start=0, ramp_end=None)
 # Digits (tuned in docs/results.md): τ 1, per-layer Mix'n'Match mixes trained every step (rule T5) so the
 # Mix'n'Match frontier is monotone, and M weighted 2 because it shares its units with S and the mixes.
@@ -74,8 +74,8 @@ _DIGITS_LOSS = dict(_LOSS, temperature=1.0, sampling="mixnmatch", num_random=1, 
 # 2 mixes per step and each Student weighted 2 against the TA's 1: every term shares the smallest Student's
 # weights, so under one Adam step a Student weighted like the others is pulled towards the TA's optimum.
 _TEXT_LOSS = dict(_DIGITS_LOSS, distill_weight=0.2, num_random=2, student_weights={"S": 2.0, "M": 2.0})
-# The study's text M is three quarters of the TA, nearly the TA's own sub-problem: weighted 4 it trails its
-# baseline by 0.7 %, against 2.9 % for M = 1/2 (docs/results.md).
+# The study's text M is three quarters of the TA, nearly the TA's own sub-problem, so it is weighted 4: the
+# weight at which it comes closest to its baseline (docs/results.md).
 _TEXT_FULL_LOSS = dict(_TEXT_LOSS, student_weights={"S": 2.0, "M": 4.0})
 
 _DIGITS = {
@@ -108,8 +108,8 @@ _TEXT = {
     ),
     "default": TaskConfig(
         task="text", data={"seq_len": 32},
-        # 800 cosine Teacher steps and 400 Student steps: 3.3-2.9 bits/char in about a minute on 2 cores
-        # (at 300/250 every model sat near 3.6, barely above the character frequencies).
+        # 800 cosine Teacher steps and 400 Student steps: the fewest at which every model learns more than the
+        # character frequencies, in about a minute (docs/results.md).
         teacher={"vocab_size": 97, "max_len": 32, "d_model": 128, "n_layers": 2, "n_heads": 4},
         teacher_steps=800, teacher_learning_rate=3e-3, teacher_learning_rate_schedule="cosine", teacher_warmup_steps=50,
         ta={"vocab_size": 97, "max_len": 32, "d_model": 64, "n_layers": 2, "n_heads": 4,
@@ -119,8 +119,8 @@ _TEXT = {
     ),
 }
 # The study: the default's TA, M at 3/4 of it, 2.5x the training steps and a Teacher far stronger than the TA
-# (twice the blocks, 3,000 cosine steps: 1.89 bits/char, docs/results.md). The default keeps M at 1/2: its
-# Keras (TensorFlow) run takes about 275 s of its 5-minute budget (199 s with cached Teachers, 75 s to train them).
+# (twice the blocks, 3,000 cosine steps; docs/results.md). The default keeps M at 1/2, so that its Keras run
+# stays inside the main job's 5-minute budget (docs/results.md).
 _TEXT["full"] = dataclasses.replace(
     _TEXT["default"], teacher={**_TEXT["default"].teacher, "n_layers": 4}, teacher_steps=3000,
     teacher_learning_rate_schedule="cosine", teacher_warmup_steps=100, steps=1000, latency_repeats=50,

@@ -65,10 +65,9 @@ def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[st
     Why ``d_model`` does not widen on its own: a wider residual stream with
     every block still at the smaller size adds parameters to every projection
     but no heads or FFN units. In the text tuning runs (docs/results.md, all 27
-    mixes of one trained model scored) that mix was *worse* than the smaller
-    model (3.08 vs 2.87 bits/char for ``d32`` with S-sized blocks against S),
-    and so was a block widened at the narrow ``d_model``, while ``d_model``
-    widened with the first block was better (2.64).
+    mixes of one trained model scored) that mix scores *worse* than the smaller
+    model, and so does a block widened at the narrow ``d_model``, while
+    ``d_model`` widened with the first block scores better.
 
     Returns:
         ``[(label, granularity dict), ...]`` in order of growing size.
@@ -164,10 +163,12 @@ def run_task(
     common = dict(backend=backend, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                   learning_rate_schedule=cfg.learning_rate_schedule, **cfg.loss)
     fit = dict(steps=cfg.steps, batch_size=cfg.batch_size, progress=progress)
+    # Digits: the Teacher's logits on the whole training set, computed once for every seed. Text: per
+    # seed, a callable that remembers each batch's logits, shared by the baselines and MatTA of the seed
+    # (its batches are the seed's own, so a memo per seed bounds the memory).
+    digits_labels = teacher.predict(ds.x_train) if cfg.task == "digits" else None
     for seed in seeds:
-        # Digits: the Teacher's logits on the whole training set, computed once. Text: a callable
-        # that remembers each batch's logits, shared by the baselines and MatTA of this seed.
-        labels = teacher.predict(ds.x_train) if cfg.task == "digits" else BatchMemo(teacher)
+        labels = digits_labels if digits_labels is not None else BatchMemo(teacher)
         for name, fraction in sorted(cfg.students.items(), key=lambda kv: kv[1]):
             log(f"[{cfg.task}] seed {seed}: baseline {name} trained alone")
             # A baseline has no Students and trains its one model with weight 1: the per-term
