@@ -224,24 +224,15 @@ def atomic_folder(target: PathLike, *, overwrite: bool = False, kind: Optional[s
             failed (e.g. a full disk); the old target is then unchanged.
     """
     target = os.path.abspath(os.fspath(target))
-    parent, base = os.path.split(target)
     try:
         check_target(target, overwrite=overwrite, kind=kind)
-        os.makedirs(parent, exist_ok=True)
-        _remove_leftovers(parent, base)
-        tmp = _fresh(parent, f".{base}.matta-tmp-{os.getpid()}-", _make_dir)
     except OSError as exc:
         raise _save_error(target, exc) from exc
-    folder = SaveFolder(tmp)
-    try:
+    with _beside(target, _make_dir) as tmp:
+        folder = SaveFolder(tmp)
         yield folder
         folder._flush()
-        _swap_in(tmp, target, parent, base)
-    except OSError as exc:
-        raise _save_error(target, exc) from exc
-    finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
+        _swap_in(tmp, target)
 
 
 @contextmanager
@@ -257,22 +248,32 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
         SaveError: writing failed (e.g. a full disk, or ``path`` is a folder); the old file is then unchanged.
     """
     path = os.path.abspath(os.fspath(path))
-    parent, base = os.path.split(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        _remove_leftovers(parent, base)
-        tmp = _fresh(parent, f".{base}.matta-tmp-{os.getpid()}-", _make_file)
-    except OSError as exc:
-        raise _save_error(path, exc) from exc
-    try:
+    with _beside(path, _make_file) as tmp:
         with open(tmp, "wb", opener=lambda p, flags: os.open(p, os.O_WRONLY | _NOFOLLOW | _CLOEXEC)) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)
-        _fsync(parent, os.O_RDONLY | _DIRECTORY)
+        _fsync(os.path.dirname(path), os.O_RDONLY | _DIRECTORY)
+
+
+@contextmanager
+def _beside(target: str, make: Callable[[str], None]) -> Iterator[str]:
+    """A fresh temporary path beside ``target``, created by ``make``, removed at the end unless renamed away.
+
+    Leftovers of killed writes to ``target`` are removed first; an ``OSError`` becomes a :class:`SaveError`.
+    """
+    parent, base = os.path.split(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_leftovers(parent, base)
+        tmp = _fresh(parent, f".{base}.matta-tmp-{os.getpid()}-", make)
     except OSError as exc:
-        raise _save_error(path, exc) from exc
+        raise _save_error(target, exc) from exc
+    try:
+        yield tmp
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
@@ -409,7 +410,9 @@ def is_save(directory: str) -> bool:
     return folder_kind(directory) in KINDS
 
 
-def _swap_in(tmp: str, target: str, parent: str, base: str) -> None:
+def _swap_in(tmp: str, target: str) -> None:
+    """Puts ``tmp`` at ``target`` in one step: a rename, an exchange, or rename aside and in (see :func:`atomic_folder`)."""
+    parent, base = os.path.split(target)
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif _exchange(tmp, target):
