@@ -102,6 +102,7 @@ class SaveFolder:
         self.path = path
         self.files: list[str] = []
         self._hashes: dict[str, tuple[int, str]] = {}
+        self._written: set[str] = set()
         self._reserved: set[str] = set()
 
     def write_bytes(self, name: str, chunks: Iterable[Union[bytes, memoryview]]) -> None:
@@ -127,6 +128,7 @@ class SaveFolder:
         finally:
             os.close(fd)
         self._hashes[name] = (size, digest.hexdigest())
+        self._written.add(name)
 
     def write_json(self, name: str, value: Mapping[str, Any]) -> None:
         """Writes ``value`` as JSON (strict: no NaN or Infinity)."""
@@ -184,11 +186,22 @@ class SaveFolder:
         self.files = sorted(entries)
 
     def _flush(self) -> None:
-        """Flushes every file the folder did not write itself, then every folder, deepest first."""
+        """Flushes every file, then every folder, deepest first.
+
+        A file the folder did not write itself gets the mode of one it writes
+        (``0o666`` less the umask, read off the folder's own ``0o777`` less the
+        umask): libraries differ (safetensors writes ``0o600``).
+        """
+        mode = stat.S_IMODE(os.lstat(self.path).st_mode) & 0o666
         folders = {self.path}
         for name, path in _tree(self.path, ""):
-            if name not in self._hashes:
-                _fsync(path, os.O_RDONLY | _NOFOLLOW)
+            if name not in self._written:
+                fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+                try:
+                    os.fchmod(fd, mode)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             folders.add(os.path.dirname(path))
         for path in sorted(folders, key=len, reverse=True):
             _fsync(path, os.O_RDONLY | _DIRECTORY)
