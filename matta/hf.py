@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 
-from matta.errors import FormatError, OptionError, SpecError, choice, integer
+from matta import saving
+from matta.errors import FormatError, OptionError, SaveError, SpecError, choice, integer
 from matta.specs import Transformer, check_spec
 from matta.weights import check_weights
 
@@ -297,9 +296,9 @@ def write_gpt2(
     """Writes a matta Transformer as a GPT-2 checkpoint folder that ``transformers`` loads.
 
     The folder holds ``config.json`` and ``model.safetensors`` (keys with the ``transformer.``
-    prefix, a tied head left out, as ``save_pretrained`` writes them). It is written into a
-    temporary folder beside ``path`` and renamed into place, so ``path`` never holds half a
-    checkpoint.
+    prefix, a tied head left out, as ``save_pretrained`` writes them). It is written with
+    :func:`matta.saving.atomic_folder` (rule E6): into a temporary folder beside ``path`` that
+    then replaces it in one step, so ``path`` never holds half a checkpoint.
 
     A GPT-2 has one ``n_head`` and one ``n_inner`` and heads ``n_embd / n_head`` wide. A spec
     with per-block ``n_heads`` or ``d_ff``, or with ``d_head * n_heads != d_model``, is refused
@@ -313,7 +312,8 @@ def write_gpt2(
         weights: its weights (rule P2 layout, float32 or float64).
         path: the folder to write.
         pad: zero-pad per-block sizes and missing heads to a uniform GPT-2.
-        overwrite: replace an existing non-empty ``path`` (else that is an error).
+        overwrite: replace an existing non-empty folder, a file or a symlink (never followed)
+            at ``path`` (else that is an error).
 
     Returns:
         ``path``.
@@ -321,12 +321,17 @@ def write_gpt2(
     Raises:
         SpecError: the spec is not a GPT-2 (naming the field), and ``pad`` cannot or may not fix it.
         FormatError: ``path`` exists and is not an empty folder, and ``overwrite`` is not set.
+        SaveError: writing failed (e.g. a full disk); the old ``path`` is then unchanged.
     """
     spec = check_spec(spec)
     if not isinstance(spec, Transformer):
         raise SpecError(f"write_gpt2 writes a Transformer spec; got {type(spec).__name__}")
     choice("write_gpt2 pad", pad, (True, False), OptionError)
     choice("write_gpt2 overwrite", overwrite, (True, False), OptionError)
+    try:
+        saving.check_target(path, overwrite=overwrite)
+    except SaveError as exc:
+        raise FormatError(exc.strerror) from None
     weights = check_weights(spec, weights)
     spec, weights = _as_gpt2(spec, weights, pad)
     tensors = _to_gpt2(spec, weights)
@@ -349,14 +354,11 @@ def write_gpt2(
         "dtype": dtype,
     }
 
-    def fill(folder: str) -> None:
-        from safetensors.numpy import save_file
+    from safetensors.numpy import save_file
 
-        with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        save_file(tensors, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
-
-    _write_folder(os.fspath(path), fill, overwrite)
+    with saving.atomic_folder(path, overwrite=overwrite) as folder:
+        folder.write_json(CONFIG_FILE, config)
+        save_file(tensors, os.path.join(folder.path, WEIGHTS_FILE), metadata={"format": "pt"})
     return os.fspath(path)
 
 
@@ -402,34 +404,3 @@ def _zero_pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
     widths = [(0, 0)] * a.ndim
     widths[axis] = (0, size - a.shape[axis])
     return np.pad(a, widths)
-
-
-def _write_folder(path: str, fill: Any, overwrite: bool) -> None:
-    """Runs ``fill(folder)`` on a temporary folder beside ``path``, then renames it to ``path``."""
-    path = os.path.abspath(path)
-    if os.path.lexists(path):
-        if not os.path.isdir(path) or os.path.islink(path):
-            raise FormatError(f"{path!r} exists and is not a folder; write_gpt2 writes a folder")
-        if os.listdir(path) and not overwrite:
-            raise FormatError(f"{path!r} exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    old = None
-    try:
-        fill(tmp)
-        if os.path.isdir(path):
-            old = tmp + ".old"
-            os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old, path)
-                old = None
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

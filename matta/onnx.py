@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from matta import saving
 from matta.errors import BackendError, FormatError, InputTypeError, choice
 from matta.specs import MLP, Spec, Transformer, check_spec
 from matta.weights import check_dtype, check_weights
@@ -227,8 +227,9 @@ def export(
 ) -> str:
     """Writes the ONNX file of the plain model ``spec`` with ``weights`` to ``path``, atomically.
 
-    The file is written to a temporary file beside ``path`` and renamed, so ``path`` never holds
-    a partial model. Parent folders are created.
+    The file is written with :func:`matta.saving.atomic_file` (rule E6): to a temporary file
+    beside ``path``, flushed and renamed over it, so ``path`` never holds a partial model; a
+    symlink at ``path`` is replaced, never followed. Parent folders are created.
 
     Args:
         spec: a matta spec; for a Student, the spec :func:`matta.extract` returns.
@@ -241,22 +242,13 @@ def export(
         ``path`` as a string.
 
     Raises:
-        The errors of :func:`build_model`, and InputTypeError when ``path`` is not a path.
+        The errors of :func:`build_model`, InputTypeError when ``path`` is not a path, and
+        SaveError when writing fails (e.g. a full disk); the old file is then unchanged.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")
     path = os.fspath(path)
     model = build_model(spec, weights, opset=opset, dtype=dtype)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with saving.atomic_file(path) as f:
+        f.write(model.SerializeToString())
     return path

@@ -1,4 +1,15 @@
-"""Saved folders (rules E5, E6): atomic, contained writes, a checksum manifest, and reads that refuse damaged files.
+"""Atomic writes and saved folders (rules E5, E6): contained writes, a checksum manifest, reads that refuse damaged files.
+
+Writing has one mechanism for every file and folder matta writes:
+
+* :func:`atomic_folder`: a folder of any layout is written into a fresh
+  temporary folder beside the target, flushed (files and folders), and replaces
+  the target in one step, so the target always holds the complete old tree or
+  the complete new one; nothing of the old survives, and nothing inside the
+  target is ever opened, so a symlink planted there is never followed.
+  :func:`check_target` says which targets it replaces without ``overwrite``.
+* :func:`atomic_file`: one file, written beside its path, flushed and renamed over it.
+* :func:`atomic_save`: an :func:`atomic_folder` that is a save.
 
 A save is a flat folder of plain files plus ``manifest.json``, which records
 every other file's size and SHA-256 and the save's kind:
@@ -8,12 +19,6 @@ every other file's size and SHA-256 and the save's kind:
   ``weights.safetensors`` (rule P2 layout) and the backend's native file;
 * ``matta.model/1`` (:meth:`matta.MatTA.save`): ``model.json`` (everything
   that rebuilds the MatTA) and ``weights.safetensors`` (the TA's weights).
-
-Writing (:func:`atomic_save`): files go into a fresh temporary folder beside
-the target, are flushed (files and folder), and replace the target in one
-step, so the target always holds the complete old save or the complete new
-one; nothing from an earlier save survives, and nothing inside the target is
-ever opened, so a symlink planted there is never followed.
 
 Reading (:func:`open_save`): every file is opened without following symlinks,
 read once, checked against the manifest, and parsed with bounds checks (the
@@ -35,7 +40,7 @@ import shutil
 import stat
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 
@@ -49,7 +54,11 @@ __all__ = [
     "MANIFEST_FORMAT",
     "SaveFolder",
     "SavedFolder",
+    "atomic_folder",
+    "atomic_file",
     "atomic_save",
+    "check_target",
+    "folder_kind",
     "open_save",
     "write",
     "read",
@@ -77,30 +86,37 @@ SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 _CODES = {v.name: k for k, v in SAFETENSORS_DTYPES.items()}
 _CHUNK = 1 << 20
 
+PathLike = Union[str, "os.PathLike[str]"]
+
 
 # ---------------------------------------------------------------------- writing
 class SaveFolder:
-    """The temporary folder of one save; what is written here is hashed on the way.
+    """The temporary folder of one atomic write; what is written here is hashed on the way.
 
     Attributes:
-        path: the temporary folder (backends export into it by path).
-        files: after a successful save, the names of its files (all but ``manifest.json``).
+        path: the temporary folder (backends and other writers write into it by path).
+        files: after :meth:`write_manifest`, the names of the save's files (all but ``manifest.json``).
     """
 
     def __init__(self, path: str):
         self.path = path
         self.files: list[str] = []
         self._hashes: dict[str, tuple[int, str]] = {}
+        self._written: set[str] = set()
+        self._reserved: set[str] = set()
 
     def write_bytes(self, name: str, chunks: Iterable[Union[bytes, memoryview]]) -> None:
-        """Writes ``chunks`` to a new file ``name`` (never an existing one, never through a symlink)."""
+        """Writes ``chunks`` to a new file ``name`` (a ``/``-separated path in the folder; never an existing file, never through a symlink)."""
         self._write(name, chunks)
 
     def _write(self, name: str, chunks: Iterable[Union[bytes, memoryview]], manifest: bool = False) -> None:
-        if not (_plain_name(name) or manifest):
-            raise SaveError(errno.EINVAL, f"file names in a save must be plain names other than {MANIFEST_FILE!r}; got {name!r}")
+        if not (manifest or (_relative_path(name) and name not in self._reserved)):
+            raise SaveError(errno.EINVAL, f"file names in a folder must be relative paths of plain names, "
+                                          f"other than {sorted(self._reserved)}; got {name!r}")
+        path = os.path.join(self.path, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         digest, size = hashlib.sha256(), 0
-        fd = os.open(os.path.join(self.path, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)
         try:
             for chunk in chunks:
                 view = memoryview(chunk).cast("B")
@@ -112,6 +128,7 @@ class SaveFolder:
         finally:
             os.close(fd)
         self._hashes[name] = (size, digest.hexdigest())
+        self._written.add(name)
 
     def write_json(self, name: str, value: Mapping[str, Any]) -> None:
         """Writes ``value`` as JSON (strict: no NaN or Infinity)."""
@@ -135,35 +152,152 @@ class SaveFolder:
         head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.write_bytes(name, [len(head).to_bytes(8, "little"), head, *(a.reshape(-1).view(np.uint8) for a in arrays)])
 
-    def _finish(self, kind: str) -> None:
-        """Hashes the files a backend wrote, writes ``manifest.json`` and flushes the folder."""
-        entries = {}
-        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
-            if not entry.is_file(follow_symlinks=False):
-                raise SaveError(errno.EINVAL, f"a save holds plain files only; {entry.name!r} in the save is not one")
-            if not _plain_name(entry.name):
-                raise SaveError(errno.EINVAL, f"a save cannot hold a file named {entry.name!r}")
-            if entry.name not in self._hashes:
-                self._hashes[entry.name] = _hash_file(entry.path)
-            size, digest = self._hashes[entry.name]
-            entries[entry.name] = {"size": size, "sha256": digest}
+    def listing(self, under: str = "") -> dict[str, dict[str, Any]]:
+        """Size and SHA-256 of every file in the folder (or in its subfolder ``under``), flushed to disk.
+
+        Keys are ``/``-separated paths from the folder's top, sorted. Files the folder did
+        not write itself (a backend's, another library's) are hashed here.
+
+        Raises:
+            SaveError: the tree holds a symlink or anything but plain files and folders.
+        """
+        out = {}
+        for name, path in _tree(self.path, under):
+            if name not in self._hashes:
+                self._hashes[name] = _hash_file(path)
+            size, digest = self._hashes[name]
+            out[name] = {"size": size, "sha256": digest}
+        return dict(sorted(out.items()))
+
+    def write_manifest(self, kind: str) -> None:
+        """Writes ``manifest.json`` at the top: ``kind`` and every other file's size and SHA-256 (rule E6).
+
+        A save is flat: its files are plain names in the folder itself, which is
+        what :func:`open_save` reads back.
+        """
+        entries = self.listing()
+        for name in entries:
+            if "/" in name:
+                raise SaveError(errno.EINVAL, f"a save holds plain files only; {name.split('/')[0]!r} in the save is not one")
+            if not _plain_name(name):
+                raise SaveError(errno.EINVAL, f"a save cannot hold a file named {name!r}")
         manifest = {"format": MANIFEST_FORMAT, "kind": kind, "files": entries}
         self._write(MANIFEST_FILE, [json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"], manifest=True)
-        _fsync_dir(self.path)
         self.files = sorted(entries)
+
+    def _flush(self) -> None:
+        """Flushes every file, then every folder, deepest first.
+
+        A file the folder did not write itself gets the mode of one it writes
+        (``0o666`` less the umask, read off the folder's own ``0o777`` less the
+        umask): libraries differ (safetensors writes ``0o600``).
+        """
+        mode = stat.S_IMODE(os.lstat(self.path).st_mode) & 0o666
+        folders = {self.path}
+        for name, path in _tree(self.path, ""):
+            if name not in self._written:
+                fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+                try:
+                    os.fchmod(fd, mode)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            folders.add(os.path.dirname(path))
+        for path in sorted(folders, key=len, reverse=True):
+            _fsync(path, os.O_RDONLY | _DIRECTORY)
 
 
 @contextmanager
-def atomic_save(target: str, *, kind: str, overwrite: bool = False) -> Iterator[SaveFolder]:
-    """Yields a :class:`SaveFolder` whose files replace ``target`` as one step when the block ends.
+def atomic_folder(target: PathLike, *, overwrite: bool = False, kind: Optional[str] = None) -> Iterator[SaveFolder]:
+    """Yields a :class:`SaveFolder` whose tree replaces ``target`` as one step when the block ends (rule E6).
 
-    The target is always the complete old save or the complete new one. With
-    ``renameat2(RENAME_EXCHANGE)`` (Linux) the swap is one atomic step; where
-    the file system lacks it, the old save is renamed aside, the new one
-    renamed in, and the old removed: a process killed between those two
-    renames leaves the target missing and the complete old save beside it as
-    ``.<name>.matta-old-*``. Leftovers of killed saves are removed by the next
-    save beside the same target.
+    The folder may hold any layout (nested folders too); it is created beside the
+    target, every file and folder in it is flushed, and it replaces the target in
+    one step, so the target always holds the complete old tree or the complete new
+    one and nothing of the old survives. Nothing inside the target is opened, so a
+    symlink planted there is never followed. With ``renameat2(RENAME_EXCHANGE)``
+    (Linux) the swap is one atomic step; where the file system lacks it, the old
+    tree is renamed aside, the new one renamed in, and the old removed: a process
+    killed between those two renames leaves the target missing and the complete
+    old tree beside it as ``.<name>.matta-old-*``. Leftovers of killed writes are
+    removed by the next write beside the same target. Files and folders get the
+    usual permissions (``0o666`` and ``0o777`` less the umask).
+
+    Args:
+        target: the folder to write.
+        overwrite: replace ``target`` whatever it is (a non-empty folder, a file, or a
+            symlink, which is replaced, never followed); see :func:`check_target`.
+        kind: the kind of matta folder written (``matta.<noun>/<version>``, as
+            :func:`folder_kind` reads it back); a target of the same kind is replaced
+            without ``overwrite``. The caller writes the folder's ``manifest.json``
+            (:meth:`SaveFolder.write_manifest` for a save).
+
+    Raises:
+        SaveError: ``target`` may not be replaced (:func:`check_target`), or writing
+            failed (e.g. a full disk); the old target is then unchanged.
+    """
+    target = os.path.abspath(os.fspath(target))
+    try:
+        check_target(target, overwrite=overwrite, kind=kind)
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
+    with _beside(target, _make_dir) as tmp:
+        folder = SaveFolder(tmp)
+        yield folder
+        folder._flush()
+        _swap_in(tmp, target)
+
+
+@contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """Yields a binary file whose bytes replace the file ``path`` in one rename when the block ends (rule E6).
+
+    The file is written beside ``path`` (parent folders are created), flushed,
+    and renamed over ``path``, so ``path`` always holds the complete old file or
+    the complete new one. A symlink at ``path`` is replaced, never followed. The
+    file gets the usual permissions (``0o666`` less the umask).
+
+    Raises:
+        SaveError: writing failed (e.g. a full disk, or ``path`` is a folder); the old file is then unchanged.
+    """
+    path = os.path.abspath(os.fspath(path))
+    with _beside(path, _make_file) as tmp:
+        with open(tmp, "wb", opener=lambda p, flags: os.open(p, os.O_WRONLY | _NOFOLLOW | _CLOEXEC)) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        _fsync(os.path.dirname(path), os.O_RDONLY | _DIRECTORY)
+
+
+@contextmanager
+def _beside(target: str, make: Callable[[str], None]) -> Iterator[str]:
+    """A fresh temporary path beside ``target``, created by ``make``, removed at the end unless renamed away.
+
+    Leftovers of killed writes to ``target`` are removed first; an ``OSError`` becomes a :class:`SaveError`.
+    """
+    parent, base = os.path.split(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _remove_leftovers(parent, base)
+        tmp = _fresh(parent, f".{base}.matta-tmp-{os.getpid()}-", make)
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
+    try:
+        yield tmp
+    except OSError as exc:
+        raise _save_error(target, exc) from exc
+    finally:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+
+
+@contextmanager
+def atomic_save(target: PathLike, *, kind: str, overwrite: bool = False) -> Iterator[SaveFolder]:
+    """Yields a :class:`SaveFolder` for a flat save of ``kind``; :func:`atomic_folder` with the save's manifest.
+
+    When the block ends, ``manifest.json`` records every file (:meth:`SaveFolder.write_manifest`)
+    and the folder replaces ``target`` as one step.
 
     Args:
         target: the save's folder.
@@ -176,25 +310,10 @@ def atomic_save(target: str, *, kind: str, overwrite: bool = False) -> Iterator[
             save failed (e.g. a full disk); the old save is then unchanged.
     """
     assert kind in KINDS, kind
-    target = os.path.abspath(target)
-    parent, base = os.path.split(target)
-    try:
-        _check_target(target, overwrite)
-        os.makedirs(parent, exist_ok=True)
-        _remove_leftovers(parent, base)
-        tmp = _make_dir(parent, f".{base}.matta-tmp-{os.getpid()}-")
-    except OSError as exc:
-        raise _save_error(target, exc) from exc
-    folder = SaveFolder(tmp)
-    try:
+    with atomic_folder(target, overwrite=overwrite, kind=kind) as folder:
+        folder._reserved.add(MANIFEST_FILE)
         yield folder
-        folder._finish(kind)
-        _swap_in(tmp, target, parent, base)
-    except OSError as exc:
-        raise _save_error(target, exc) from exc
-    finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
+        folder.write_manifest(kind)
 
 
 def write_extracted(folder: SaveFolder, spec: Spec, weights: Mapping[str, np.ndarray], info: Optional[Mapping[str, Any]] = None) -> None:
@@ -246,42 +365,73 @@ def write(directory: str, spec: Spec, weights: Mapping[str, np.ndarray], info: O
     return folder.files
 
 
-def _check_target(target: str, overwrite: bool) -> None:
+def check_target(target: PathLike, *, overwrite: bool = False, kind: Optional[str] = None) -> None:
+    """Raises :class:`SaveError` unless an atomic write of ``kind`` may replace ``target``.
+
+    It may when ``target`` is absent, an empty folder, a matta folder that ``kind``
+    replaces (a save replaces a save of either kind, any other kind only its own;
+    see :func:`folder_kind`), or ``overwrite`` is true. A symlink is never followed.
+    Callers with expensive work check before it; :func:`atomic_folder` checks again.
+    """
+    target = os.fspath(target)
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return
     if overwrite:
         return
+    noun = _noun(kind)
     if stat.S_ISLNK(st.st_mode):
         raise SaveError(errno.EEXIST, f"{target!r} is a symbolic link; pass overwrite=True to replace the link (never its target)")
     if not stat.S_ISDIR(st.st_mode):
-        raise SaveError(errno.EEXIST, f"{target!r} is a file, not a matta save; pass overwrite=True to replace it")
-    if os.listdir(target) and not is_save(target):
-        raise SaveError(
-            errno.ENOTEMPTY, f"{target!r} is a non-empty folder that is not a matta save; pass overwrite=True to replace it"
-        )
+        raise SaveError(errno.EEXIST, f"{target!r} is a file, not {noun}; pass overwrite=True to replace it")
+    found = folder_kind(target)
+    if os.listdir(target) and not (found is not None and (found == kind or {found, kind} <= set(KINDS))):
+        what = "exists and is not empty" if kind is None else f"is a non-empty folder that is not {noun}"
+        raise SaveError(errno.ENOTEMPTY, f"{target!r} {what}; pass overwrite=True to replace it")
 
 
-def is_save(directory: str) -> bool:
-    """Whether ``directory`` holds a matta save (a matta manifest, or a ``spec.json`` of matta's format)."""
-    for name, key, tags in ((MANIFEST_FILE, "format", (MANIFEST_FORMAT,)), (SPEC_FILE, "format", (FORMAT,))):
+def _noun(kind: Optional[str]) -> str:
+    """What a folder of ``kind`` is called in messages: ``matta.export/1`` is "a matta export"."""
+    if kind is None:
+        return "a folder"
+    return "a matta save" if kind in KINDS else "a " + kind.split("/")[0].replace(".", " ")
+
+
+def folder_kind(directory: PathLike) -> Optional[str]:
+    """The kind of matta folder ``directory`` holds, or ``None`` for any other folder.
+
+    The kind is a save's ``manifest.json`` kind, another matta manifest's format tag
+    (an export's ``matta.export/1``), or :data:`FORMAT` for a save written before
+    matta kept manifests (a ``spec.json`` of that format). Files are read without
+    following symlinks.
+    """
+    directory = os.fspath(directory)
+    for name in (MANIFEST_FILE, SPEC_FILE):
         try:
             value = _parse_json(_read_plain(os.path.join(directory, name), MAX_JSON_BYTES), name)
         except (OSError, FormatError):
             continue
-        if value.get(key) in tags:
-            return True
-    return False
+        tag = value.get("kind") if value.get("format") == MANIFEST_FORMAT else value.get("format")
+        if isinstance(tag, str) and tag.startswith("matta.") and (name == MANIFEST_FILE or tag == FORMAT):
+            return tag
+    return None
 
 
-def _swap_in(tmp: str, target: str, parent: str, base: str) -> None:
+def is_save(directory: str) -> bool:
+    """Whether ``directory`` holds a matta save (a matta manifest of a save's kind, or a ``spec.json`` of matta's format)."""
+    return folder_kind(directory) in KINDS
+
+
+def _swap_in(tmp: str, target: str) -> None:
+    """Puts ``tmp`` at ``target`` in one step: a rename, an exchange, or rename aside and in (see :func:`atomic_folder`)."""
+    parent, base = os.path.split(target)
     if not os.path.lexists(target):
         os.rename(tmp, target)
     elif _exchange(tmp, target):
-        _remove(tmp)  # ``tmp`` now names the old save
+        _remove(tmp)  # ``tmp`` now names the old tree
     else:
-        aside = _unique_name(parent, f".{base}.matta-old-{os.getpid()}-")
+        aside = _fresh(parent, f".{base}.matta-old-{os.getpid()}-", _unused)
         os.rename(target, aside)
         try:
             os.rename(tmp, target)
@@ -289,7 +439,12 @@ def _swap_in(tmp: str, target: str, parent: str, base: str) -> None:
             os.rename(aside, target)
             raise
         _remove(aside)
-    _fsync_dir(parent)
+    _fsync(parent, os.O_RDONLY | _DIRECTORY)
+
+
+def _unused(path: str) -> None:
+    if os.path.lexists(path):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
 
 
 _RENAME_EXCHANGE = 2
@@ -319,7 +474,7 @@ def _exchange(a: str, b: str) -> bool:
 
 
 def _remove_leftovers(parent: str, base: str) -> None:
-    """Removes temporary and set-aside folders of earlier saves to this target whose process has ended."""
+    """Removes temporary and set-aside files and folders of earlier writes to this target whose process has ended."""
     prefixes = (f".{base}.matta-tmp-", f".{base}.matta-old-")
     for entry in os.scandir(parent):
         prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
@@ -342,21 +497,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _make_dir(parent: str, prefix: str) -> str:
+def _fresh(parent: str, prefix: str, make: Callable[[str], None]) -> str:
+    """A new path ``prefix`` + random hex in ``parent``, created by ``make`` (which fails if it exists)."""
     while True:
         path = os.path.join(parent, prefix + secrets.token_hex(4))
         try:
-            os.mkdir(path)  # mode 0o777 less the umask, like any folder the user creates
+            make(path)
             return path
         except FileExistsError:
             continue
 
 
-def _unique_name(parent: str, prefix: str) -> str:
-    while True:
-        path = os.path.join(parent, prefix + secrets.token_hex(4))
-        if not os.path.lexists(path):
-            return path
+def _make_dir(path: str) -> None:
+    os.mkdir(path)  # mode 0o777 less the umask, like any folder the user creates
+
+
+def _make_file(path: str) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666))
 
 
 def _remove(path: str) -> None:
@@ -370,12 +527,30 @@ def _remove(path: str) -> None:
             pass
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags | _CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _tree(top: str, under: str) -> Iterator[tuple[str, str]]:
+    """``(name, path)`` of every file in ``top``'s subfolder ``under``; ``name`` is ``/``-separated from ``top``."""
+    folder = os.path.join(top, *under.split("/")) if under else top
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        name = f"{under}/{entry.name}" if under else entry.name
+        if entry.is_dir(follow_symlinks=False):
+            yield from _tree(top, name)
+        elif entry.is_file(follow_symlinks=False):
+            yield name, entry.path
+        else:
+            raise SaveError(errno.EINVAL, f"a matta folder holds plain files and folders only; {name!r} is neither")
+
+
+def _relative_path(name: Any) -> bool:
+    """A path a writer may create in its folder: plain names joined by ``/``."""
+    return isinstance(name, str) and all(_plain_name(part) or part == MANIFEST_FILE for part in name.split("/"))
 
 
 def _hash_file(path: str) -> tuple[int, str]:
@@ -401,6 +576,7 @@ def _save_error(target: str, exc: OSError) -> SaveError:
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 class SavedFolder:

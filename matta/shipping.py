@@ -2,7 +2,7 @@
 
 :func:`export_many` writes one folder per chosen model and ``manifest.json`` into
 a temporary folder beside the target, which then replaces the target in one
-step (the mechanism of :mod:`matta.saving`, rule E6): the target holds the
+step (:func:`matta.saving.atomic_folder`, rule E6): the target holds the
 complete old export or the complete new one. A model folder holds, by format:
 
 * ``safetensors``: matta's ``spec.json`` and ``weights.safetensors`` (rule E5),
@@ -19,19 +19,16 @@ matta version and the source model's checksum.
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import math
 import os
 import re
-import stat
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from matta import saving
-from matta.errors import InputError, OptionError, SaveError, describe, integer
+from matta.errors import InputError, OptionError, describe, integer
 from matta.frontier import Budget, Frontier, candidates, check_data, check_metric, measure, name_of
 from matta.nesting import Granularity
 from matta.specs import Transformer
@@ -138,26 +135,6 @@ def _targets(model: Any, targets: Any) -> list[tuple[str, Union[Budget, Granular
     return out
 
 
-def _check_target(target: str, overwrite: bool) -> None:
-    """The export's folder must be absent, empty, an earlier export, or ``overwrite`` given."""
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        return
-    if overwrite:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise SaveError(errno.EEXIST, f"{target!r} is not a folder; pass overwrite=True to replace it")
-    if os.listdir(target):
-        try:
-            with open(os.path.join(target, saving.MANIFEST_FILE), "rb") as f:
-                tag = json.loads(f.read(saving.MAX_JSON_BYTES)).get("format")
-        except (OSError, ValueError, AttributeError):
-            tag = None
-        if tag != EXPORT_FORMAT:
-            raise SaveError(errno.ENOTEMPTY, f"{target!r} is a non-empty folder that is not a matta export; pass overwrite=True to replace it")
-
-
 def _slug(name: str, taken: set[str]) -> str:
     base = re.sub(r"[^A-Za-z0-9._]+", "-", re.sub(r"[\[\]]", "", name)).strip("-.") or "model"
     slug, n = base, 2
@@ -184,18 +161,8 @@ def _write_model(extracted: Any, path: str, formats: Sequence[str]) -> None:
             if "onnx" in formats:
                 onnx.export(extracted.spec, extracted.weights, os.path.join(folder.path, ONNX_FILE))
     else:
-        os.mkdir(path)
+        os.mkdir(path)  # inside the export's temporary folder
         onnx.export(extracted.spec, extracted.weights, os.path.join(path, ONNX_FILE))
-
-
-def _files(root: str, folder: str) -> dict[str, dict[str, Any]]:
-    out = {}
-    for dirpath, _, names in os.walk(os.path.join(root, folder)):
-        for name in sorted(names):
-            path = os.path.join(dirpath, name)
-            size, digest = saving._hash_file(path)
-            out[os.path.relpath(path, root).replace(os.sep, "/")] = {"size": size, "sha256": digest}
-    return dict(sorted(out.items()))
 
 
 def export_many(
@@ -240,7 +207,7 @@ def export_many(
     if budgets and x_val is None:
         raise OptionError("budgets choose by held-out metric and latency: pass x_val and y_val (--data on the command line)")
     target = os.path.abspath(os.fspath(directory))
-    _check_target(target, overwrite)
+    saving.check_target(target, overwrite=overwrite, kind=EXPORT_FORMAT)
     if "onnx" in formats:
         from matta.onnx import _import_onnx
 
@@ -263,27 +230,20 @@ def export_many(
 
     import matta
 
-    parent, base = os.path.split(target)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        saving._remove_leftovers(parent, base)
-        tmp = saving._make_dir(parent, f".{base}.matta-tmp-{os.getpid()}-")
-    except OSError as exc:
-        raise saving._save_error(target, exc) from exc
-    try:
+    with saving.atomic_folder(target, overwrite=overwrite, kind=EXPORT_FORMAT) as out:
         taken: set[str] = set()
         models = []
         for row, wanted in picks.values():
             folder = _slug(row.name, taken)
             extracted = model.extract(row.granularity)
             extracted.info["source"]["name"] = row.name
-            _write_model(extracted, os.path.join(tmp, folder), formats)
+            _write_model(extracted, os.path.join(out.path, folder), formats)
             models.append({
                 "name": row.name, "folder": folder, "targets": wanted,
                 "granularity": row.granularity.to_dict(model.spec), "spec": row.spec.to_dict(),
                 "params": row.params, "flops": row.flops,
                 "metrics": {k: _finite(v) for k, v in row.metrics.items()} or None,
-                "latency_ms": _finite(row.latency_ms), "files": _files(tmp, folder),
+                "latency_ms": _finite(row.latency_ms), "files": out.listing(folder),
             })
         data = None if x_val is None else {
             "examples": frontier.examples, "x_shape": list(x_val.shape), "sha256": _data_checksum(x_val, y_val),
@@ -304,15 +264,5 @@ def export_many(
             },
             "models": models,
         }
-        with open(os.path.join(tmp, saving.MANIFEST_FILE), "x", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        saving._fsync_dir(tmp)
-        saving._swap_in(tmp, target, parent, base)
-    except OSError as exc:
-        raise saving._save_error(target, exc) from exc
-    finally:
-        if os.path.lexists(tmp):
-            saving._remove(tmp)
+        out.write_json(saving.MANIFEST_FILE, manifest)
     return manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -419,6 +420,17 @@ def test_write_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert sorted(p.name for p in target.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert read_gpt2(target)[0] == spec
+
+
+def test_a_written_checkpoint_honours_the_umask(tmp_path):
+    spec = Transformer(vocab_size=7, max_len=4, d_model=8, n_layers=1, n_heads=2)
+    old = os.umask(0o022)
+    try:
+        target = Path(write_gpt2(spec, initial_weights(spec, 0), tmp_path / "ckpt"))
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(os.lstat(p).st_mode) for p in [target, *target.iterdir()]} == {
+        "ckpt": 0o755, CONFIG_FILE: 0o644, WEIGHTS_FILE: 0o644}
 
 
 def test_matta_hf_imports_neither_transformers_nor_a_framework():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,20 @@ def test_export_writes_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         export(spec, weights_for(spec, 1, "float32"), path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx"]
+
+
+def test_export_honours_the_umask_and_replaces_a_symlink_never_following_it(tmp_path: Path) -> None:
+    spec = MLP(d_in=2, hidden=(3,), d_out=2)
+    victim, path = tmp_path / "victim.onnx", tmp_path / "model.onnx"
+    victim.write_bytes(b"keep me")
+    os.symlink(victim, path)
+    old = os.umask(0o022)
+    try:
+        export(spec, weights_for(spec, 0, "float32"), path)
+    finally:
+        os.umask(old)
+    assert not path.is_symlink() and victim.read_bytes() == b"keep me"
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o644
 
 
 def _bad_cases():
