@@ -154,8 +154,8 @@ def _reader(requests):
 
     ``requests`` maps a name to ``(variable or tensor, [sizes of each read])``. On the torch engine
     the distinct reads of one tensor, when there are several (a training step's terms), go through
-    one :func:`engine.prefix_reads` node: the same values, and a backward pass that adds each
-    slice's gradient into the whole tensor's in place instead of a full-size zero tensor and sum
+    one ``prefix_reads`` node (:mod:`matta.backends.keras.engines.torch`): the same values, and a
+    backward pass that adds each slice's gradient into the whole tensor's in place instead of a full-size zero tensor and sum
     per slice. Elsewhere, and for a tensor read once (a single granularity, as :meth:`NestedModel.run`
     and so extraction's bit-exactness use), it is plain :func:`_prefix`. A name not in ``requests``
     is read with :func:`_prefix` too.
@@ -170,7 +170,7 @@ def _reader(requests):
             shape = tuple(value.shape)
             indices = [None if _whole(shape, s) else tuple(slice(None) if n is None else slice(0, n) for n in s)
                        for s in distinct]
-            shared.update({(name, s): out for s, out in zip(distinct, engine.prefix_reads(value, indices))})
+            shared.update({(name, s): out for s, out in zip(distinct, engine.current().prefix_reads(value, indices))})
 
     def read(name: str, *sizes):
         out = shared.get((name, sizes))
