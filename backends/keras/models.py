@@ -154,8 +154,8 @@ def _reader(requests):
 
     ``requests`` maps a name to ``(variable or tensor, [sizes of each read])``. On the torch engine
     the distinct reads of one tensor, when there are several (a training step's terms), go through
-    one ``prefix_reads`` node (:mod:`matta.backends.keras.engines.torch`): the same values, and a
-    backward pass that adds each slice's gradient into the whole tensor's in place instead of a full-size zero tensor and sum
+    one ``engines.torch.prefix_reads`` node: the same values, and a backward pass that adds each
+    slice's gradient into the whole tensor's in place instead of a full-size zero tensor and sum
     per slice. Elsewhere, and for a tensor read once (a single granularity, as :meth:`NestedModel.run`
     and so extraction's bit-exactness use), it is plain :func:`_prefix`. A name not in ``requests``
     is read with :func:`_prefix` too.
