@@ -29,6 +29,7 @@ __all__ = [
     "LossOptions",
     "Term",
     "StepPlan",
+    "Choice",
     "Schedule",
     "Targets",
     "Ops",
@@ -42,6 +43,9 @@ __all__ = [
 TA = "TA"
 
 T = TypeVar("T")
+
+#: A Student a step trains: ``(name, granularity, weight)``.
+Choice = tuple[str, Granularity, float]
 
 
 @dataclass(frozen=True)
@@ -196,34 +200,64 @@ class Schedule:
             return self._sizes[g]
         return num_params(self.spec, g)
 
-    def plan(self, step: int, total_steps: int) -> StepPlan:
-        """The :class:`StepPlan` of ``step``."""
+    def step_students(self, rng: np.random.Generator) -> tuple[list[Choice], list[Choice]]:
+        """Rules T2, T3, T5: a step's Students as ``(kept, drawn)``, each a list of ``(name, granularity, weight)``.
+
+        ``kept`` are the Students every step trains; ``drawn`` are those drawn from the step's
+        ``rng``, as many at every step, and empty when no step draws one. This is where a sampling
+        mode is defined: :meth:`plan`, :meth:`static_terms` and :meth:`fixed_terms` all follow from it.
+        """
         o = self.options
-        rng = np.random.default_rng([self.seed, 7919, step])
         names = [n for n in self.order if n != TA]  # smallest first
-        chosen: list[tuple[str, Granularity, float]] = []
-        if o.sampling in ("all", "mixnmatch"):
-            chosen = [(n, self.students[n], o.student_weights.get(n, 1.0)) for n in names]
-            if o.sampling == "mixnmatch" and names:
-                levels = [self.students[n] for n in names] + [self.ta]
-                for k in range(o.num_random):  # rule T5
-                    chosen.append((f"mix{k}", sample_mixnmatch(self.spec, levels, rng), 1.0))
-        elif o.sampling == "one" and names:
-            n = names[int(rng.integers(len(names)))]
-            chosen = [(n, self.students[n], o.student_weights.get(n, 1.0))]
-        elif o.sampling == "sandwich" and names:
-            smallest = names[0]
-            chosen = [(smallest, self.students[smallest], o.student_weights.get(smallest, 1.0))]
-            for k in range(o.num_random):
-                g = sample_between(self.spec, self.students[smallest], self.ta, rng)
-                chosen.append((f"mix{k}", g, 1.0))
-        # Largest first, so a chain parent is always the previous active term.
-        chosen.sort(key=lambda c: -self._num_params(c[1]))
-        terms = [Term(TA, self.ta, o.ta_weight, None)]
+        declared = [(n, self.students[n], float(o.student_weights.get(n, 1.0))) for n in names]
+        if not names or o.sampling == "all":
+            return declared, []
+        if o.sampling == "mixnmatch":
+            levels = [self.students[n] for n in names] + [self.ta]
+            return declared, [(f"mix{k}", sample_mixnmatch(self.spec, levels, rng), 1.0) for k in range(o.num_random)]
+        if o.sampling == "one":
+            # One Student is no draw: that Student trains at every step.
+            return (declared, []) if len(names) == 1 else ([], [declared[int(rng.integers(len(names)))]])
+        smallest = declared[0]  # sandwich (rule T3)
+        return [smallest], [(f"mix{k}", sample_between(self.spec, smallest[1], self.ta, rng), 1.0)
+                            for k in range(o.num_random)]
+
+    def _rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 7919, step])
+
+    def _terms(self, chosen: list[Choice]) -> tuple[Term, ...]:
+        # Largest first, so a chain parent is always the previous active term (rules T1, L2).
+        chosen = sorted(chosen, key=lambda c: -self._num_params(c[1]))
+        terms = [Term(TA, self.ta, self.options.ta_weight, None)]
         for name, g, w in chosen:
-            parent = TA if o.parent == "ta" else terms[-1].name
+            parent = TA if self.options.parent == "ta" else terms[-1].name
             terms.append(Term(name, g, float(w), parent))
-        return StepPlan(step, tuple(terms), ramp(o, step, total_steps))
+        return tuple(terms)
+
+    def plan(self, step: int, total_steps: int) -> StepPlan:
+        """The :class:`StepPlan` of ``step`` (rule T1): the TA and :meth:`step_students`, and λ(t)."""
+        kept, drawn = self.step_students(self._rng(step))
+        return StepPlan(step, self._terms(kept + drawn), ramp(self.options, step, total_steps))
+
+    def static_terms(self) -> Optional[tuple[Term, ...]]:
+        """The terms of every step when no step draws a Student (rule T2), else ``None``.
+
+        A backend that compiles one step for the whole run uses these; the plans it is given
+        still decide each step (a step that trains other terms is an error, never a silent change).
+        """
+        kept, drawn = self.step_students(self._rng(0))
+        return None if drawn else self._terms(kept)
+
+    def fixed_terms(self) -> frozenset[Term]:
+        """The terms a step trains whenever it trains the TA and the kept Students (rule T2).
+
+        The TA and :meth:`step_students`' kept Students, with the weight and parent they have at
+        step 0. Under ``parent="chain"`` a kept Student's parent is a drawn term at some steps, so
+        its :class:`Term` differs there and is not among these (compare terms, not names).
+        """
+        kept, drawn = self.step_students(self._rng(0))
+        names = {TA, *(name for name, _, _ in kept)}
+        return frozenset(t for t in self._terms(kept + drawn) if t.name in names)
 
 
 @dataclass

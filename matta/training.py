@@ -1,6 +1,7 @@
 """The backend-neutral half of a training run: batches, targets, plans, progress, NaN guard.
 
-A backend's ``fit`` loops over :meth:`TrainingRun.batches`, computes the
+A backend's ``fit`` loops over :meth:`TrainingRun.batches` (or takes
+:meth:`TrainingRun.batch_stream` where its framework runs the loop), computes the
 composite loss of each batch's plan in its framework, calls
 :meth:`TrainingRun.record` with the loss *before* applying the update, and
 applies it only if ``record`` returns. So a NaN/Inf loss stops the run with
@@ -119,16 +120,26 @@ class TrainingRun:
         """Rule T6 at ``step`` of this run."""
         return learning_rate_scale(self.learning_rate_schedule, self.warmup_steps, step, self.steps)
 
+    def batch_stream(self) -> Iterator[Batch]:
+        """The run's batches in order (examples, targets, plan), and nothing else.
+
+        For a backend whose framework runs the loop, the progress display and the epoch-end
+        hook itself (Keras' ``fit``); :meth:`batches` is this stream with both.
+        """
+        for step, index in enumerate(batch_indices(len(self.x), self.batch_size, self.steps, self.seed)):
+            x = self.x[index]
+            yield Batch(step, x, self.batch_targets(index, x), self.schedule.plan(step, self.steps))
+
     def batches(self) -> Iterator[Batch]:
-        """The run's batches in order, with a progress bar when asked for."""
+        """:meth:`batch_stream` with a progress bar when asked for, and ``on_epoch_end`` after each epoch."""
         if self.progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.steps, desc="matta fit", unit="step", leave=True)
         try:
-            for step, index in enumerate(batch_indices(len(self.x), self.batch_size, self.steps, self.seed)):
-                x = self.x[index]
-                yield Batch(step, x, self.batch_targets(index, x), self.schedule.plan(step, self.steps))
+            for batch in self.batch_stream():
+                yield batch
+                step = batch.step
                 if self.on_epoch_end is not None and (step + 1) % self.steps_per_epoch == 0:
                     logs = self.on_epoch_end((step + 1) // self.steps_per_epoch) or {}
                     self.epoch_logs.append(logs)

@@ -23,7 +23,6 @@ from matta import MLP, MatTA, Transformer, reference
 from matta.losses import LossOptions, StepPlan, Targets, Term
 from matta.nesting import full, resolve
 from matta.backends.keras import engine
-from matta.backends.keras.training import grads_finite
 from matta.spec_tests.assertions import assert_bitwise_equal, assert_close
 
 ENGINE = keras.backend.backend()
@@ -191,32 +190,37 @@ def test_steps_whose_plan_varies_equal_one_eager_step_and_the_torch_backend(fami
     for name in ("torch", "keras", "keras-one-step"):
         with monkeypatch.context() as patch:
             if name == "keras-one-step":
-                patch.setattr(Trainer, "_groups", lambda self, terms: None)  # the whole step as one function
+                patch.setattr(Trainer, "groups", lambda self, terms: None)  # the whole step as one function
             model = MatTA(spec, students={"S": 0.25, "M": 0.5}, backend=name.split("-")[0], seed=11,
                           learning_rate=3e-3, distill_weight=0.5, ramp_end=2, **options)
             history = model.fit(x, y, steps=6, batch_size=32, progress=False)["steps"]
         parts[name] = [{k: s[k] for k in s if k == "loss" or k.startswith("loss/")} for s in history]
         if name == "keras":
             trainer = _TRAINERS[model.model][1]
-            functions = dict(trainer.group_functions)
+            functions, update = dict(trainer.group_functions), trainer.update_function
             drawn = {model.schedule.plan(s, 6).terms for s in range(6)}
             # A chain parent that is a mix sends its step to the one eager function.
-            grouped = [terms for terms in drawn if trainer._groups(terms) is not None]
+            grouped = [terms for terms in drawn if trainer.groups(terms) is not None]
+            # The update sums a list of one loss per group: one signature per distinct number of groups.
+            group_counts = {1 + len(trainer.groups(terms)[1]) if terms in grouped else 1 for terms in drawn}
     for other, rtol in (("keras-one-step", 2e-6), ("torch", 1e-4)):
         for step, (k, t) in enumerate(zip(parts["keras"], parts[other])):
             assert set(k) == set(t), (plan, other, step, k, t)
             np.testing.assert_allclose([k[n] for n in sorted(k)], [t[n] for n in sorted(t)], rtol=rtol,
                                        err_msg=f"{plan}: keras vs {other}, step {step}")
     if engine.name() == "torch" or options.get("stop_gradient") is False or not grouped:
-        assert not functions, sorted(map(str, functions))  # eager torch, or parents that are not constants
+        # Eager torch, or parents that are not constants: no step is split (JAX compiles each whole plan).
+        assert set(functions) <= (drawn if engine.name() == "jax" else set()), sorted(map(str, functions))
     elif engine.name() == "tensorflow":
-        groups = {k: f for k, f in functions.items() if k != "apply"}
         distinct = {(t.granularity, t.weight, t.parent) for terms in grouped for t in terms}
-        assert "apply" in functions and 1 <= len(groups) <= len(distinct), (plan, len(groups), len(distinct))
-        traces = {str(k): f.experimental_get_tracing_count() for k, f in functions.items()}
+        assert update is not None and 1 <= len(functions) <= len(distinct), (plan, len(functions), len(distinct))
+        traces = {str(k): f.experimental_get_tracing_count() for k, f in {**functions, "update": update}.items()}
         assert set(traces.values()) == {1}, traces
     else:
-        assert {"jax_group", "jax_apply"} <= set(functions), sorted(functions)
+        assert update is not None and functions, sorted(map(str, functions))
+        compiled = {str(k): f._cache_size() for k, f in functions.items()}
+        assert set(compiled.values()) == {1}, compiled
+        assert update._cache_size() == len(group_counts), (update._cache_size(), group_counts)
 
 
 @pytest.mark.parametrize("options", [{}, {"learning_rate_schedule": "cosine", "warmup_steps": 2}],
@@ -302,7 +306,7 @@ def test_several_prefix_reads_of_one_variable_give_the_slices_and_the_summed_gra
         total = sum(keras.ops.sum(keras.ops.multiply(out, crop(c, s))) for out, s, c in zip(outs, sizes, weights))
         return total, outs  # JAX traces fn: the reads are compared once they are values
 
-    _, outs, (grad,) = engine.value_and_grad([var], fn)
+    _, outs, (grad,) = engine.current().value_and_grad([var], fn)
     for out, s in zip(outs, sizes):
         assert_bitwise_equal(np.asarray(keras.ops.convert_to_numpy(out)), crop(value, s), f"read {s}")
     expected = np.zeros_like(value)
@@ -316,6 +320,7 @@ def test_the_gradient_check_is_exact_for_huge_finite_and_for_non_finite_gradient
 
     1e30 is finite in float32 but its square overflows, so a norm alone would call these gradients bad.
     """
+    grads_finite = lambda grads: bool(engine.current().grads_finite(grads))  # noqa: E731
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(s).astype("float32") for s in ((64, 48), (48,), (7,))]
     convert = lambda xs: [keras.ops.convert_to_tensor(a) for a in xs]  # noqa: E731
@@ -429,18 +434,24 @@ def _scratch_faults(**env) -> dict:
 
 @pytest.mark.subprocess
 def test_a_jax_step_reuses_its_scratch_memory_instead_of_faulting_it_in_every_step():
-    """JAX on CPU: a step's scratch block above 32 MiB stays mapped across steps (engine.reuse_step_memory)."""
-    assert engine.malloc_left_alone({"MATTA_TUNE_MALLOC": "0"}) and engine.malloc_left_alone({"MALLOC_ARENA_MAX": "2"})
-    assert engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"})
-    assert not engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512", "MATTA_TUNE_MALLOC": "1"})
-    applies = ENGINE == "jax" and platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    """JAX on CPU: a step's scratch block above 32 MiB stays mapped across steps (engines.jax.reuse_step_memory)."""
+    if ENGINE != "jax":  # only XLA allocates a whole step as one host block; the tuning lives in the JAX module
+        MatTA(MLP_SPEC, backend="keras").fit(*_data(MLP_SPEC, 8), steps=1, batch_size=8, progress=False)
+        assert "matta.backends.keras.engines.jax" not in sys.modules
+        return
+    from matta.backends.keras.engines import jax as jax_engine
+
+    assert jax_engine.malloc_left_alone({"MATTA_TUNE_MALLOC": "0"}) and jax_engine.malloc_left_alone({"MALLOC_ARENA_MAX": "2"})
+    assert jax_engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"})
+    assert not jax_engine.malloc_left_alone({"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=512", "MATTA_TUNE_MALLOC": "1"})
+    applies = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     if applies:
         import jax
 
         applies = jax.default_backend() == "cpu"
     if not applies:  # only XLA on CPU allocates a whole step as one host block
         MatTA(MLP_SPEC, backend="keras").fit(*_data(MLP_SPEC, 8), steps=1, batch_size=8, progress=False)
-        assert engine.reuse_step_memory() is False
+        assert jax_engine.reuse_step_memory() is False
         return
     tuned, untouched = _scratch_faults(), _scratch_faults(MATTA_TUNE_MALLOC="0")
     page = 4096

@@ -131,6 +131,52 @@ def test_mixnmatch_trains_every_student_and_per_layer_mixes_of_their_sizes():
     assert len(seen) >= 7, seen
 
 
+MODES = [("all", {}), ("one", {}), ("sandwich", {"num_random": 2}), ("sandwich", {"num_random": 0}),
+         ("mixnmatch", {"num_random": 1}), ("mixnmatch", {"num_random": 0})]
+
+
+@pytest.mark.parametrize("parent", ["ta", "chain"])
+@pytest.mark.parametrize("sampling,kw", MODES, ids=[f"{m}-{kw}" for m, kw in MODES])
+def test_static_and_fixed_terms_follow_the_plans(sampling, kw, parent):
+    """Rule T2: static_terms are every step's terms exactly when no step draws; fixed_terms train at every step
+    they are planned with (by name, always; as the same Term, always under parent="ta")."""
+    schedule = _schedule(sampling, parent=parent, **kw)
+    plans = [schedule.plan(t, 100).terms for t in range(40)]
+    static, fixed = schedule.static_terms(), schedule.fixed_terms()
+    if static is None:
+        assert len(set(plans)) > 1, plans
+    else:
+        assert all(terms == static for terms in plans)
+    assert "TA" in {t.name for t in fixed}
+    for terms in plans:
+        assert {t.name for t in fixed} <= {t.name for t in terms}
+        if parent == "ta":
+            assert fixed <= set(terms), (fixed, terms)
+    kept = {"all": {"S", "M"}, "one": set(), "sandwich": {"S"}, "mixnmatch": {"S", "M"}}[sampling]
+    assert {t.name for t in fixed} == {"TA"} | kept
+
+
+def test_one_student_under_one_sampling_is_static():
+    schedule = Schedule(SPEC, {"S": resolve(SPEC, 0.25)}, LossOptions(sampling="one"), seed=3)
+    assert schedule.static_terms() == schedule.plan(7, 100).terms and [t.name for t in schedule.static_terms()] == ["TA", "S"]
+
+
+def test_a_subclass_sampling_mode_decides_plan_static_and_fixed_terms_in_step_students():
+    """A mode defined by overriding ``step_students`` (kept + drawn) reaches plan, static_terms and fixed_terms."""
+
+    class SmallestPlusOne(Schedule):
+        def step_students(self, rng):
+            declared, _ = super().step_students(rng)  # sampling "all": every Student, smallest first
+            return declared[:1], [declared[1 + int(rng.integers(len(declared) - 1))]]
+
+    students = {"S": resolve(SPEC, 0.25), "M": resolve(SPEC, 0.5), "L": resolve(SPEC, 0.75)}
+    schedule = SmallestPlusOne(SPEC, students, LossOptions(), seed=1)
+    names = [[t.name for t in schedule.plan(t, 100).terms] for t in range(30)]
+    assert {tuple(n) for n in names} == {("TA", "M", "S"), ("TA", "L", "S")}
+    assert schedule.static_terms() is None
+    assert {t.name for t in schedule.fixed_terms()} == {"TA", "S"}
+
+
 def test_mixnmatch_on_a_transformer_moves_each_block_as_one_layer_and_keeps_dropped_blocks_dropped():
     """Rule T5 with depth: a block takes the heads and d_ff of one level, and is kept only if that level keeps it."""
     spec = Transformer(vocab_size=11, max_len=8, d_model=16, n_layers=3, n_heads=4, d_ff=32,

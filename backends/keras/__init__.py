@@ -122,7 +122,7 @@ class KerasBackend(Backend):
             return total, None
 
         names = model.param_names
-        value, _, grads = engine.value_and_grad([model.params[n] for n in names], fn)
+        value, _, grads = engine.current().value_and_grad([model.params[n] for n in names], fn)
         out = {n: np.array(ops.convert_to_numpy(g), copy=True) for n, g in zip(names, grads)}
         return float(ops.convert_to_numpy(value)), out
 

@@ -136,7 +136,7 @@ def _reader(tensors: Mapping[str, Any], requests):
     itself spares a copy of it in the forward pass and a scatter of its gradient in the backward
     pass; values are the same either way, so the extracted model still equals the nested one bit
     for bit. On the torch engine the distinct reads of one tensor, when there are several (a
-    training step's terms), go through one :func:`engine.prefix_reads` node: the same values, and
+    training step's terms), go through one ``engines.torch.prefix_reads`` node: the same values, and
     a backward pass that adds each slice's gradient into the whole tensor's in place instead of a
     full-size zero tensor and sum per slice. Elsewhere, and for a tensor read once (a single
     granularity, as :meth:`NestedModel.run` and so extraction's bit-exactness use), it is plain
@@ -152,7 +152,7 @@ def _reader(tensors: Mapping[str, Any], requests):
                 continue
             tensor = tensors[name]
             value = tensor.value if isinstance(tensor, keras.Variable) else tensor
-            outs = engine.prefix_reads(value, list(indices.values()))
+            outs = engine.current().prefix_reads(value, list(indices.values()))
             shared.update({(name, key): out for key, out in zip(indices, outs)})
 
     def read(name: str, index):

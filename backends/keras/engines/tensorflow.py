@@ -1,0 +1,111 @@
+"""The TensorFlow engine: gradients by ``tf.GradientTape``, rule T4 by ``tf.cond``, groups as ``tf.function`` s."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import keras
+import tensorflow as tf
+
+from matta.losses import Term
+from matta.backends.keras.training import Trainer, all_finite
+
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit"]
+
+
+def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
+    """``(scalar, aux, gradients)`` of ``fn() -> (scalar, aux)``, one dense gradient per variable (zeros where unused).
+
+    Dense, because an embedding's gradient is ``IndexedSlices`` in some groups and not in others:
+    the update function then sees one signature and is traced once.
+    """
+    variables = list(variables)
+    with tf.GradientTape() as tape:
+        value, aux = fn()
+    grads = tape.gradient(value, variables)
+    return value, aux, [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
+
+
+def grads_finite(grads):
+    """Rule T4's gradient check: a boolean tensor, whether every element of every gradient is finite."""
+    return all_finite(grads)
+
+
+def apply_if_finite(trainer: Trainer, loss, grads):
+    """Rule T4: applies the update only if ``loss`` and ``grads`` are finite; returns the gradient check."""
+    grads_ok = grads_finite(grads)
+
+    def apply():
+        trainer.optimizer.apply(grads, trainer.trainable_variables)
+        return tf.constant(True)
+
+    tf.cond(tf.logical_and(tf.reduce_all(tf.math.is_finite(loss)), grads_ok), apply, lambda: tf.constant(False))
+    return grads_ok
+
+
+def _loss_and_grads(trainer: Trainer, x, y, terms: tuple[Term, ...], parents):
+    """``(loss, parts, outputs, gradients)`` of ``terms`` on ``(x, y)``."""
+    loss, (parts, outputs), grads = value_and_grad(trainer.trainable_variables, trainer.loss_fn(x, y, terms, parents))
+    return loss, parts, outputs, grads
+
+
+def _group(trainer: Trainer, terms: tuple[Term, ...]):
+    """The compiled ``(x, y, parents) -> (loss, parts, outputs, gradients)`` of ``terms``."""
+    fn = trainer.group_functions.get(terms)
+    if fn is None:
+        _quiet_group_tracing()
+
+        @tf.function
+        def group_step(x, y, parents):
+            return _loss_and_grads(trainer, x, y, terms, parents)
+
+        fn = trainer.group_functions[terms] = group_step
+    return fn
+
+
+def _update(trainer: Trainer):
+    """The compiled sum of the groups' losses and gradients, rule T4's check and the update."""
+    if trainer.update_function is None:
+        @tf.function
+        def update(losses, grad_lists):
+            loss = tf.add_n(losses)
+            return loss, apply_if_finite(trainer, loss, [tf.add_n(list(g)) for g in zip(*grad_lists)])
+
+        object.__setattr__(trainer, "update_function", update)
+    return trainer.update_function
+
+
+def train_step(trainer: Trainer, data):
+    """One MatTA step: compiled by Keras for a static plan; eager over compiled groups for a varying one."""
+    x, y = data
+    terms = trainer.terms(y)
+    groups = trainer.groups(terms)
+    if groups is None:  # the whole step as one function
+        loss, parts, _, grads = _loss_and_grads(trainer, x, y, terms, {})
+        grads_ok = apply_if_finite(trainer, loss, grads)
+    else:
+        parts, losses, grad_lists = trainer.run_groups(
+            lambda group, parents: _group(trainer, group)(x, y, parents), *groups)
+        loss, grads_ok = _update(trainer)(losses, grad_lists)
+    return trainer.logs(loss, parts, y, grads_ok)
+
+
+def prepare_fit() -> None:
+    """Nothing: TensorFlow needs no preparation."""
+
+
+class _GroupTracingFilter:
+    """Drops TensorFlow's "frequent retracing" warning about matta's group functions.
+
+    Each group is its own ``tf.function``, traced once; TensorFlow counts the traces of every
+    function made from the same Python code together and warns of retracing, which here is wrong.
+    """
+
+    def filter(self, record) -> bool:
+        return "_group.<locals>.group_step" not in record.getMessage()
+
+
+def _quiet_group_tracing() -> None:
+    logger = tf.get_logger()
+    if not any(isinstance(f, _GroupTracingFilter) for f in logger.filters):
+        logger.addFilter(_GroupTracingFilter())

@@ -1,0 +1,113 @@
+"""The PyTorch engine: gradients by ``backward()``, rule T4 by a fused gradient norm and a Python ``if``,
+and one autograd node for several prefix reads of one tensor. Keras runs the torch step eagerly."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import keras
+import torch
+from keras import ops
+
+from matta.backends.keras.training import Trainer, all_finite
+
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads"]
+
+
+def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
+    """``(scalar, aux, gradients)`` of ``fn() -> (scalar, aux)``, one gradient per variable (zeros where unused).
+
+    The variables' ``.grad`` are cleared before and after, so nothing accumulates across calls.
+    """
+    variables = list(variables)
+    for v in variables:
+        v.value.grad = None
+    value, aux = fn()
+    value.backward()
+    grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
+    for v in variables:
+        v.value.grad = None
+    return value, aux, grads
+
+
+def grads_finite(grads) -> bool:
+    """Rule T4's gradient check: whether every element of every gradient is finite.
+
+    Exact, and cheap on a good step: a finite L2 norm of all the gradients means every element is
+    finite (an Inf or NaN element makes the sum of squares Inf or NaN), so only a non-finite norm,
+    which a huge but finite gradient also gives when its squares overflow, is decided elementwise.
+    The norm is one fused ``foreach`` kernel; ``keras.ops.isfinite`` on torch is several full passes
+    per tensor (``==``, ``abs``, ``!=``, ``&``, then ``all``; measured in ``docs/benchmarks.md``).
+    """
+    if bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))):
+        return True
+    return bool(ops.convert_to_numpy(all_finite(grads)))
+
+
+def apply_if_finite(trainer: Trainer, loss, grads) -> bool:
+    """Rule T4: applies the update only if ``loss`` and ``grads`` are finite; returns the gradient check."""
+    grads_ok = grads_finite(grads)
+    if bool(torch.isfinite(loss)) and grads_ok:
+        with torch.no_grad():
+            trainer.optimizer.apply(grads, trainer.trainable_variables[:])
+    return grads_ok
+
+
+def train_step(trainer: Trainer, data):
+    """One MatTA step, eager: the step's terms as one function and one update."""
+    x, y = data
+    terms = trainer.terms(y)
+    loss, (parts, _), grads = value_and_grad(trainer.trainable_variables, trainer.loss_fn(x, y, terms, {}))
+    grads_ok = apply_if_finite(trainer, loss, grads)
+    return trainer.logs(loss.detach(), {k: v.detach() for k, v in parts.items()}, y, grads_ok)
+
+
+def prepare_fit() -> None:
+    """Nothing: PyTorch needs no preparation."""
+
+
+class _PrefixReads(torch.autograd.Function):
+    """``value[index]`` for several indices as one autograd node (see :func:`prefix_reads`)."""
+
+    @staticmethod
+    def forward(ctx, value, *indices):
+        ctx.indices = indices
+        ctx.shape, ctx.dtype, ctx.device = value.shape, value.dtype, value.device
+        return tuple(value.view_as(value) if i is None else value[i] for i in indices)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        whole = [g for i, g in zip(ctx.indices, grads) if i is None and g is not None]
+        if whole and 0 not in whole[0].stride():
+            total = whole[0]
+        else:  # no whole read (or an expanded gradient, which cannot be written to)
+            total = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+            if whole:
+                total += whole[0]
+        for i, g in zip(ctx.indices, grads):
+            if i is not None and g is not None:
+                total[i] += g
+        return (total, *(None for _ in ctx.indices))
+
+
+def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
+    """``value[index]`` for each index (``None``: all of it) as one autograd node.
+
+    The values are the same views plain indexing gives, so a forward pass is unchanged. The
+    gradient is what differs: PyTorch's backward of a slice makes a zero tensor of the full shape,
+    copies the slice's gradient into it and adds that to the other reads' gradients, so every
+    Student-sized read of a TA kernel costs two full-size passes (measured in
+    ``docs/benchmarks.md``). This node adds each slice's gradient into the whole read's gradient
+    in place instead, and needs a full-size zero tensor only when nothing reads the tensor whole.
+    The whole read's gradient is modified in place: callers feed every read to an op whose
+    backward makes that gradient afresh (a matmul, a broadcasting add, a slice), never to one that
+    passes it through shared with another input.
+
+    Args:
+        value: a torch tensor (a variable's ``.value`` or an activation).
+        indices: for each read, a tuple of slices, or ``None`` for the whole tensor.
+
+    Returns:
+        One tensor per index, in order.
+    """
+    return _PrefixReads.apply(value, *indices)
