@@ -73,7 +73,8 @@ def test_fit_lowers_the_held_out_loss_of_every_granularity(spec):
 def test_a_teacher_array_or_callable_gives_the_same_run():
     x, y = _data(MLP_SPEC, 128)
     logits = np.random.default_rng(5).standard_normal((128, 10))
-    index = {x[i].tobytes(): i for i in range(len(x))}
+    # fit hands the callable the batch in the model's dtype (inputs are cast, then checked finite).
+    index = {x[i].astype("float64").tobytes(): i for i in range(len(x))}
     runs = []
     for teacher in (logits, lambda xb: logits[[index[r.tobytes()] for r in xb]]):
         model = MatTA(MLP_SPEC, students={"S": 0.25}, backend="torch", seed=2, dtype="float64")
