@@ -20,7 +20,8 @@ from keras import ops
 from matta.errors import InputTypeError
 from matta.specs import MLP, Spec
 
-__all__ = ["name", "value_and_grad", "prefix_reads", "float64_blocker", "check_dtype", "reuse_step_memory"]
+__all__ = ["name", "value_and_grad", "prefix_reads", "float64_blocker", "check_dtype", "reuse_step_memory",
+           "compiled_call"]
 
 
 def name() -> str:
@@ -65,6 +66,42 @@ def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[A
 
 # ------------------------------------------------------------------------------ prefix reads (torch)
 _PREFIX_READS: dict[str, Any] = {}
+
+
+def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Optional[Callable[[Any], Any]]:
+    """The plain model's inference call compiled by the engine, where that keeps every bit; else None.
+
+    TensorFlow: one ``tf.function`` traced for any batch size (and any length of token ids). Its
+    calls run with Grappler's arithmetic optimizer off, because that pass rewrites GELU's
+    arithmetic and changes the last bit of some outputs; the setting is TensorFlow's thread-local
+    per-call options, so other functions in the process keep their own. JAX: ``jax.jit`` fuses a
+    Transformer's ops and changes the last bit of some outputs, and the torch engine has no
+    compiled call here, so both return None (the eager call serves).
+    """
+    if name() != "tensorflow":
+        return None
+    import tensorflow as tf
+    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    shape, kind = ([None, spec.d_in], dtype) if isinstance(spec, MLP) else ([None, None], "int32")
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, kind)])
+    ctx = context.context()
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(ctx.function_call_options.config_proto_serialized)
+    config.graph_options.rewrite_options.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    options = context.FunctionCallOptions(executor_type=ctx.function_call_options.executor_type, config_proto=config)
+
+    def call(x: Any) -> Any:
+        default = ctx.function_call_options
+        ctx.function_call_options = options
+        try:
+            return graph(x)
+        finally:
+            ctx.function_call_options = default
+
+    call.graph = graph  # the traced function, e.g. for its tracing count
+    return call
 
 
 def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
