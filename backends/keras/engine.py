@@ -72,16 +72,16 @@ def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Optional[Callab
     """The plain model's inference call compiled by the engine, where that keeps every bit; else None.
 
     TensorFlow: one ``tf.function`` traced for any batch size (and any length of token ids). Its
-    calls run with Grappler's arithmetic optimizer off, because that pass rewrites GELU's
-    arithmetic and changes the last bit of some outputs; the setting is TensorFlow's thread-local
-    per-call options, so other functions in the process keep their own. JAX: ``jax.jit`` fuses a
+    calls run without Grappler's graph rewrites, because they change the last bit of some outputs
+    (the arithmetic optimizer rewrites GELU; float64 matmuls get fused); the setting is TensorFlow's
+    thread-local per-call options, so other functions in the process keep their own. JAX: ``jax.jit`` fuses a
     Transformer's ops and changes the last bit of some outputs, and the torch engine has no
     compiled call here, so both return None (the eager call serves).
     """
     if name() != "tensorflow":
         return None
     import tensorflow as tf
-    from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+    from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
 
     shape, kind = ([None, spec.d_in], dtype) if isinstance(spec, MLP) else ([None, None], "int32")
@@ -89,7 +89,7 @@ def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Optional[Callab
     ctx = context.context()
     config = config_pb2.ConfigProto()
     config.ParseFromString(ctx.function_call_options.config_proto_serialized)
-    config.graph_options.rewrite_options.arithmetic_optimization = rewriter_config_pb2.RewriterConfig.OFF
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
     options = context.FunctionCallOptions(executor_type=ctx.function_call_options.executor_type, config_proto=config)
 
     def call(x: Any) -> Any:
