@@ -27,11 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the benchmark runs")
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     parser.add_argument("--backends", default="torch", help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: training, serving, extraction, memory")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: training, serving, paths, frontier, extraction, memory")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     steps, repeats = (2, 1) if args.smoke else (10, 5)
-    results: dict = {"machine": machine(), "smoke": args.smoke, "training": [], "serving": [], "extraction": {}, "memory": []}
+    results: dict = {"machine": machine(), "smoke": args.smoke, "training": [], "serving": [], "paths": [], "frontier": [],
+                     "extraction": {}, "memory": []}
 
     for backend in filter(None, args.backends.split(",")):
         if backend == "torch":
@@ -42,10 +44,20 @@ def main(argv=None) -> int:
                     results["training"].append(torch_bench.training(w, steps, repeats))
                 if "serving" not in skip:
                     results["serving"] += torch_bench.serving(w, 1 if args.smoke else SERVING_ROUNDS)
+            if "paths" not in skip:
+                from benchmarks import serving_bench
+
+                results["paths"] += serving_bench.paths(args.smoke)
+            if "frontier" not in skip:
+                from benchmarks import serving_bench
+
+                results["frontier"] += serving_bench.frontier_time(args.smoke)
         elif backend.startswith("keras-"):
             results_keras = _keras(backend.split("-", 1)[1], args.smoke, skip)
             results["training"] += results_keras["training"]
             results["serving"] += results_keras["serving"]
+            if "paths" not in skip:
+                results["paths"] += _keras_paths(backend.split("-", 1)[1], args.smoke)
         else:
             raise SystemExit(f"unknown backend {backend!r}; use torch or keras-<tensorflow|jax|torch>")
 
@@ -79,6 +91,21 @@ def _keras(engine: str, smoke: bool, skip: set) -> dict:
             return json.load(f)
 
 
+def _keras_paths(engine: str, smoke: bool) -> list:
+    """Runs benchmarks/serving_bench.py in a fresh process with KERAS_BACKEND=engine."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "paths.json")
+        cmd = [sys.executable, os.path.join(HERE, "serving_bench.py"), "--engine", engine, "--json", path]
+        env = {**os.environ, "KERAS_BACKEND": engine, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        env.setdefault("KERAS_HOME", os.path.join(tmp, "keras-home"))
+        subprocess.run(cmd + (["--smoke"] if smoke else []), check=True, env=env)
+        with open(path) as f:
+            return json.load(f)["paths"]
+
+
 def _print(r: dict) -> None:
     print(f"machine: {r['machine']}")
     if r["training"]:
@@ -89,6 +116,12 @@ def _print(r: dict) -> None:
         print("\nServing (serve_ratio = extracted Student / independent plain model, goal <= 1.02; nested_ratio = nested at S / "
               "extracted; both the median of per-round ratios)")
         print(table(r["serving"], ["workload", "backend", "batch", "rounds", "extracted_s", "plain_s", "serve_ratio", "nested_s", "nested_ratio"]))
+    if r["paths"]:
+        print("\nServing paths of the extracted Student S (ratio = path / plain torch module, paired rounds)")
+        print(table(r["paths"], ["workload", "path", "batch", "rounds", "ms", "plain_torch_ms", "ratio"]))
+    if r["frontier"]:
+        print("\nMatTA.frontier over the demo's models (default candidates, random held-out data)")
+        print(table(r["frontier"], ["task", "backend", "models", "rounds", "frontier_s"]))
     if r["extraction"]:
         e = r["extraction"]
         print("\nExtraction at scale (time goal <= 2x a plain copy of the Student's bytes; memory goal <= 1.2x the Student)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import sys
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -107,6 +107,13 @@ class Backend(Protocol):
         """The outputs of :meth:`forward` at each granularity, in one call (a backend may share work
         between them, e.g. an MLP's first layer, rule S1). Default: one :meth:`forward` each."""
         return [self.forward(model, x, g) for g in granularities]
+
+    def serving(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """The call that serves a plain model from :meth:`build_plain`: ``x -> plain_forward(model, x)``
+        bit for bit, on the fastest path the backend has that keeps every bit (e.g. a compiled graph).
+        :meth:`matta.Extracted.predict` and the frontier's latency run through it. Default:
+        :meth:`plain_forward`."""
+        return lambda x: self.plain_forward(model, x)
 
     def export_loader(self, directory: str) -> Optional[str]:
         """Python source that loads what :meth:`export` wrote to ``directory`` with only the framework

@@ -34,6 +34,7 @@ __all__ = [
     "Row",
     "Frontier",
     "candidates",
+    "staircase",
     "label",
     "pareto_mask",
     "measure_latency",
@@ -193,7 +194,7 @@ def _groups(spec: Spec) -> list[list[str]]:
     return groups
 
 
-def _staircase(spec: Spec, levels: Sequence[Granularity]) -> list[Granularity]:
+def staircase(spec: Spec, levels: Sequence[Granularity]) -> list[Granularity]:
     """Per-layer Mix'n'Match steps from ``levels[0]`` to ``levels[-1]`` (a nested chain, smallest first).
 
     One layer at a time takes the next level's sizes, in layer order, so every step is a mix of
@@ -242,7 +243,7 @@ def candidates(
         g = resolve(spec, float(f))
         if is_nested(levels[0], g):
             named.append((f"uniform {float(f):g}", g))
-    named += [(f"mix {label(spec, g)}", resolve(spec, g)) for g in _staircase(spec, levels)]
+    named += [(f"mix {label(spec, g)}", resolve(spec, g)) for g in staircase(spec, levels)]
     seen: dict[Granularity, str] = {}
     for name, g in named:
         seen.setdefault(g, name)

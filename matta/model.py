@@ -478,6 +478,7 @@ class Extracted:
         self.backend = get_backend(backend)
         self.info = dict(info or {})
         self.model = self.backend.build_plain(self.spec, self.weights, device=device)
+        self._serve = self.backend.serving(self.model)
 
     @property
     def num_params(self) -> int:
@@ -485,8 +486,12 @@ class Extracted:
         return self.spec.num_params
 
     def predict(self, x: Any) -> np.ndarray:
-        """The plain model's output on ``x``."""
-        return self.backend.plain_forward(self.model, check_x(self.spec, x, self.dtype))
+        """The plain model's output on ``x``, through the backend's serving call (:meth:`Backend.serving`).
+
+        That call equals ``backend.plain_forward`` bit for bit, so the output is the nested
+        sub-network's within the backend's exactness bound (conformance property 2).
+        """
+        return self._serve(check_x(self.spec, x, self.dtype))
 
     def evaluate(self, x: Any, y: Any, task: str = "classification") -> dict[str, float]:
         """Metrics as in :meth:`MatTA.evaluate`."""

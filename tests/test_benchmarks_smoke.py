@@ -24,7 +24,11 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
     r = json.loads(out.read_text())
     ratios = [row["train_ratio"] for row in r["training"]] + [row["matformer_ratio"] for row in r["training"]]
     ratios += [row["serve_ratio"] for row in r["serving"]] + [r["extraction"]["time_ratio"], r["extraction"]["memory_ratio"]]
-    ratios += [row["rss_ratio"] for row in r["memory"]]
+    ratios += [row["rss_ratio"] for row in r["memory"]] + [row["ratio"] for row in r["paths"]]
+    assert "Serving paths" in proc.stdout and "MatTA.frontier" in proc.stdout
+    assert {row["path"] for row in r["paths"]} == {"torch Extracted.predict", "torch.export program", "onnxruntime"}
+    assert {row["batch"] for row in r["paths"]} > {1} and {row["task"] for row in r["frontier"]} == {"digits", "text"}
+    assert all(row["frontier_s"] > 0 and row["models"] > 2 for row in r["frontier"])
     assert {row["workload"] for row in r["training"]} == {"mlp", "transformer"}
     assert all(math.isfinite(x) and x > 0 for x in ratios), ratios
     assert r["extraction"]["student_params"] < r["extraction"]["ta_params"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import keras
 import numpy as np
@@ -161,6 +161,17 @@ class KerasBackend(Backend):
     def plain_forward(self, model: keras.Model, x: np.ndarray) -> np.ndarray:
         out = model(self._input(model._matta_spec, model._matta_dtype, x), training=False)
         return np.asarray(ops.convert_to_numpy(out))
+
+    def serving(self, model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
+        """The engine's compiled call where it is bit-exact (TensorFlow: ``tf.function``), else the eager one.
+
+        See ``compiled_call`` in :mod:`matta.backends.keras.engines.tensorflow`.
+        """
+        spec, dtype = model._matta_spec, model._matta_dtype
+        call = engine.current().compiled_call(model, spec, dtype)
+        if call is None:
+            return super().serving(model)
+        return lambda x: np.asarray(ops.convert_to_numpy(call(self._input(spec, dtype, x))))
 
     def export(self, model: keras.Model, spec: Spec, directory: str) -> list[str]:
         """Writes ``model.keras``: built-in layers and ``keras.ops`` only, loadable without matta (safe mode on)."""

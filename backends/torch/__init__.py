@@ -8,7 +8,7 @@ rule P2 layout; PyTorch's ``(out, in)`` kernels are transposed on the way.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -221,6 +221,18 @@ class TorchBackend(Backend):
     def plain_forward(self, model: nn.Module, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return model(self._input(model, x)).cpu().numpy()
+
+    def serving(self, model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+        """The plain module itself under ``torch.inference_mode``: the same kernels as :meth:`plain_forward`.
+
+        The ``torch.export`` program of :meth:`export` computes the same bits but runs about twice as
+        slow on small models (docs/benchmarks.md), so serving stays on the module.
+        """
+        def serve(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(self._input(model, x)).cpu().numpy()
+
+        return serve
 
     def export(self, model: nn.Module, spec: Spec, directory: str) -> list[str]:
         """Writes ``model.pt2``: a ``torch.export`` program that loads with ``torch.export.load`` alone."""

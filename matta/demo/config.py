@@ -37,7 +37,7 @@ class TaskConfig:
         weight_decay: AdamW weight decay of MatTA runs and baselines.
         learning_rate_schedule: rule T6 schedule of MatTA runs and baselines (``"constant"`` or ``"cosine"``).
         loss: MatTA loss options (:class:`matta.LossOptions`); baselines get the same.
-        latency_repeats: timed single-example calls per model (the median is reported).
+        latency_repeats: paired timing rounds of single-example serving calls (the median is reported).
         export_native: write the backend's native file (``model.pt2`` / ``model.keras``) too.
     """
 

@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["SCHEMA", "summarize", "quality", "write_metrics", "plot_pareto", "print_tables", "headline"]
+__all__ = ["SCHEMA", "summarize", "quality", "write_metrics", "plot_pareto", "pareto", "budget_rows", "print_tables",
+           "headline"]
 
 #: Tag of the ``metrics.json`` layout; bump it when the layout changes.
 SCHEMA = "matta.demo.metrics/1"
@@ -123,6 +124,9 @@ def plot_pareto(path: str, results: dict[str, Any]) -> None:
                        key=lambda e: e["params"])
         ax.plot([e["params"] for e in chain], [scale * e["mean"]["loss"] for e in chain], "-", color="tab:blue",
                 alpha=0.6, lw=1.5, label="Mix'n'Match curve (one MatTA run)")
+        best = [e for e, keep in zip(models.values(), pareto(models)) if keep]
+        ax.scatter([e["params"] for e in best], [scale * e["mean"]["loss"] for e in best], s=190, facecolors="none",
+                   edgecolors="tab:green", linewidths=1.8, zorder=3, label="Pareto-optimal (params, loss)")
         seen = set()
         for kind in ("mixnmatch", "baseline", "matta_student", "ta", "teacher"):
             for e in (e for e in models.values() if e["kind"] == kind):
@@ -146,6 +150,23 @@ def plot_pareto(path: str, results: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pareto(models: dict[str, Any]) -> list[bool]:
+    """Per model (in order), whether no other model has fewer or equal parameters and lower or equal mean loss."""
+    from matta.frontier import pareto_mask
+
+    return [bool(m) for m in pareto_mask([[e["params"], e["mean"]["loss"]] for e in models.values()])]
+
+
+def budget_rows(task_result: dict[str, Any]) -> list[list[str]]:
+    """One row per parameter budget: the model ``MatTA.select`` chose and its scores on the report half."""
+    text = task_result["task"] == "text"
+    out = []
+    for b in task_result.get("budgets", []):
+        metric = f"{b['bpc']:.3f}" if text else f"{b['loss']:.4f}"
+        out.append([f"≤ {b['max_params']:,}", b["model"], f"{b['params']:,}", metric, f"{b['accuracy']:.3f}"])
+    return out
 
 
 def _fmt(entry: dict[str, Any], key: str, digits: int) -> str:
@@ -193,6 +214,15 @@ def print_tables(results: dict[str, Any], console: Optional[Any] = None) -> None
             style = {"baseline": "dim", "matta_student": "bold", "teacher": "italic"}.get(r[1])
             table.add_row(*r, style=style)
         console.print(table)
+        if res.get("budgets"):
+            picks = Table(title=f"{title} — best model per parameter budget (chosen on half the held-out data, "
+                                "scored on the other half)")
+            for i, c in enumerate(["budget (params)", "model", "params", "bits/char" if task == "text" else "log-loss",
+                                   "accuracy"]):
+                picks.add_column(c, justify="left" if i == 1 else "right")
+            for r in budget_rows(res):
+                picks.add_row(*r)
+            console.print(picks)
         console.print(headline(task, res), markup=False)
 
 

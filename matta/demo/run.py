@@ -18,7 +18,8 @@ from matta.demo import data as data_mod
 from matta.demo.config import TaskConfig
 from matta.demo.teachers import BatchMemo, get_teacher, spec_of
 
-__all__ = ["limit_threads", "mixnmatch_chain", "evaluate_extracted", "run_task", "run_study"]
+__all__ = ["limit_threads", "mixnmatch_chain", "evaluate_extracted", "time_models", "budget_choices", "run_task",
+           "run_study"]
 
 Log = Callable[[str], None]
 
@@ -39,86 +40,77 @@ def limit_threads(n: int, backend: str) -> None:
         set_num_threads(n)
 
 
-def _levels(spec, students: dict[str, float]) -> list[dict[str, Any]]:
-    """Sizes of every nested dimension at each Student and at the TA, smallest first (lists are per layer)."""
-    from matta import resolve
-    from matta.nesting import full
-
-    names = sorted(students, key=lambda n: students[n])
-    out = []
-    for g in [resolve(spec, students[n]) for n in names] + [full(spec)]:
-        d = g.to_dict(spec)
-        out.append({k: v for k, v in d.items() if k in ("hidden", "d_model", "d_ff", "n_heads")})
-    return out
-
-
 def mixnmatch_chain(spec, students: dict[str, float]) -> list[tuple[str, dict[str, Any]]]:
     """Mix'n'Match granularities on a nested staircase from the smallest Student to the TA.
 
-    Starting from the smallest Student, one layer at a time is widened to the
-    next trained size (Student -> larger Student -> TA), in order; a nested
-    ``d_model`` (the residual width every block reads and writes) widens
-    together with the first block. So every model is a mix of trained sizes,
-    the groups rule T5 draws, and contains the previous one. Models equal to a
-    Student or the TA are left out (they are reported under their own names).
+    The staircase is :func:`matta.frontier.staircase`: one layer at a time widens to the next
+    trained size (Student -> larger Student -> TA), a nested ``d_model`` together with the first
+    block, so every model is a mix of trained sizes and contains the previous one.
 
-    Why ``d_model`` does not widen on its own: a wider residual stream with
-    every block still at the smaller size adds parameters to every projection
-    but no heads or FFN units. In the text tuning runs (docs/results.md, all 27
-    mixes of one trained model scored) that mix scores *worse* than the smaller
-    model, and so does a block widened at the narrow ``d_model``, while
+    Why ``d_model`` does not widen on its own: a wider residual stream with every block still at
+    the smaller size adds parameters to every projection but no heads or FFN units. In the text
+    tuning runs (docs/results.md, all 27 mixes of one trained model scored) that mix scores
+    *worse* than the smaller model, and so does a block widened at the narrow ``d_model``, while
     ``d_model`` widened with the first block scores better.
 
     Returns:
-        ``[(label, granularity dict), ...]`` in order of growing size.
+        ``[(label, granularity dict), ...]`` in order of growing size; labels such as
+        ``"mix h[32,16,16]"`` or ``"mix d32 ff[128,64] heads[2,1]"`` (``d`` only when nested).
     """
-    levels = _levels(spec, students)
-    per_layer = [k for k in levels[0] if isinstance(levels[0][k], list)]
-    shared = [k for k in levels[0] if not isinstance(levels[0][k], list)]
-    n = len(levels[0][per_layer[0]])
-    nested_shared = [k for k in shared if any(level[k] != levels[0][k] for level in levels)]
-    state = [0] * n  # the level of each layer; shared dimensions follow layer 0
+    from matta import MLP, resolve
+    from matta.frontier import staircase
+    from matta.nesting import full, num_params
+
+    levels = sorted((resolve(spec, f) for f in students.values()), key=lambda g: num_params(spec, g)) + [full(spec)]
     chain = []
-    short = {"hidden": "h", "d_model": "d", "d_ff": "ff", "n_heads": "heads"}
-    for level in range(1, len(levels)):
-        for layer in range(n):
-            state[layer] = level
-            if all(v == level for v in state):
-                continue  # that is the Student / TA itself
-            g: dict[str, Any] = {k: levels[state[0]][k] for k in shared}
-            g.update({k: [levels[state[j]][k][j] for j in range(n)] for k in per_layer})
-            # e.g. "mix h[32,16,16]" (MLP hidden widths) or "mix d32 ff[128,64] heads[2,1]" (Transformer)
-            label = "mix " + " ".join(
-                f"{short[k]}{g[k]}" if k in shared else f"{short[k]}[{','.join(map(str, g[k]))}]"
-                for k in ("d_model", "hidden", "d_ff", "n_heads") if k in g and (k not in shared or k in nested_shared)
-            )
-            chain.append((label, g))
+    for g in staircase(spec, levels):
+        d = g.to_dict(spec)
+        fmt = lambda xs: "[" + ",".join(map(str, xs)) + "]"  # noqa: E731
+        if isinstance(spec, MLP):
+            label = f"mix h{fmt(d['hidden'])}"
+        else:
+            width = f"d{d['d_model']} " if "d_model" in spec.nested else ""
+            label = f"mix {width}ff{fmt(d['d_ff'])} heads{fmt(d['n_heads'])}"
+        chain.append((label, d))
     return chain
 
 
-def _latency(model, x1: np.ndarray, repeats: int) -> float:
-    """Median seconds of one single-example ``predict`` call (after one warm-up call)."""
-    model.predict(x1)
-    times = []
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        model.predict(x1)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def evaluate_extracted(model, ds: data_mod.Dataset, repeats: int) -> dict[str, float]:
-    """Held-out metrics, parameter count and per-example latency of one extracted model."""
+def evaluate_extracted(model, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Held-out metrics and parameter count of one extracted model (latency: :func:`time_models`)."""
     from matta.model import metrics
 
     outs = []
-    for start in range(0, len(ds.x_test), 512):
-        outs.append(model.predict(ds.x_test[start : start + 512]))
-    m = metrics(model.spec, "classification", np.concatenate(outs), ds.y_test)
-    out = {"params": int(model.num_params), "loss": m["loss"], "accuracy": m["accuracy"],
-           "latency_ms": 1e3 * _latency(model, ds.x_test[:1], repeats)}
-    if ds.name == "text":
+    for start in range(0, len(x), 512):
+        outs.append(model.predict(x[start : start + 512]))
+    m = metrics(model.spec, "classification", np.concatenate(outs), y)
+    out = {"params": int(model.num_params), "loss": m["loss"], "accuracy": m["accuracy"]}
+    if model.spec.family == "transformer":
         out["bpc"] = m["loss"] / math.log(2)
+    return out
+
+
+def time_models(models: dict[str, Any], x1: np.ndarray, rounds: int) -> dict[str, float]:
+    """Milliseconds per single-example serving call of each model, in paired rounds (:mod:`matta.frontier`)."""
+    from matta.frontier import measure_latency, serving_call
+
+    return measure_latency({name: serving_call(m, x1) for name, m in models.items()}, rounds)
+
+
+def budget_choices(model, cfg: TaskConfig, ds: data_mod.Dataset) -> list[dict[str, Any]]:
+    """The best model under a few parameter budgets, chosen on one half of the held-out data, scored on the other.
+
+    The budgets are each Student's size times 1.5 and half the TA's. The held-out examples
+    alternate between the validation half (``MatTA.select`` ranks by its loss) and the report half.
+    """
+    from matta.frontier import name_of
+
+    x_val, y_val, x_rep, y_rep = ds.x_test[0::2], ds.y_test[0::2], ds.x_test[1::2], ds.y_test[1::2]
+    budgets = sorted({int(1.5 * model.num_params(n)) for n in cfg.students} | {model.num_params("TA") // 2})
+    out = []
+    for max_params in budgets:
+        g = model.select(x_val, y_val, max_params=max_params)
+        out.append({"max_params": max_params, "model": name_of(model, g), "granularity": g.to_dict(model.spec),
+                    **evaluate_extracted(model.extract(g), x_rep, y_rep)})
     return out
 
 
@@ -157,18 +149,24 @@ def run_task(
                                          "per_seed": []})
         entry["per_seed"].append({"seed": seed, **result})
 
-    add("Teacher", "teacher", None, evaluate_extracted(teacher, ds, cfg.latency_repeats))
+    held_out = (ds.x_test, ds.y_test)
+    teacher_result = evaluate_extracted(teacher, *held_out)
     ta_spec = spec_of(cfg, "ta")
     chain = mixnmatch_chain(ta_spec, cfg.students)
     common = dict(backend=backend, learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
                   learning_rate_schedule=cfg.learning_rate_schedule, **cfg.loss)
     fit = dict(steps=cfg.steps, batch_size=cfg.batch_size, progress=progress)
+    budgets: list[dict[str, Any]] = []
     # Digits: the Teacher's logits on the whole training set, computed once for every seed. Text: per
     # seed, a callable that remembers each batch's logits, shared by the baselines and MatTA of the seed
     # (its batches are the seed's own, so a memo per seed bounds the memory).
     digits_labels = teacher.predict(ds.x_train) if cfg.task == "digits" else None
     for seed in seeds:
         labels = digits_labels if digits_labels is not None else BatchMemo(teacher)
+        # name -> (kind, extracted model, metrics, granularity): timed together once the seed's models exist.
+        seed_models: dict[str, tuple[str, Any, dict[str, float], Any]] = {}
+        if seed == seeds[0]:
+            seed_models["Teacher"] = ("teacher", teacher, teacher_result, None)
         for name, fraction in sorted(cfg.students.items(), key=lambda kv: kv[1]):
             log(f"[{cfg.task}] seed {seed}: baseline {name} trained alone")
             # A baseline has no Students and trains its one model with weight 1: the per-term
@@ -176,8 +174,8 @@ def run_task(
             alone = {k: v for k, v in common.items() if k not in ("student_weights", "ta_weight")}
             base = MatTA(_baseline_spec(cfg, fraction), students={}, seed=seed, **alone)
             base.fit(ds.x_train, ds.y_train, teacher=labels, **fit)
-            add(f"baseline {name}", "baseline", seed, evaluate_extracted(base.extract(), ds, cfg.latency_repeats),
-                fraction)
+            extracted = base.extract()
+            seed_models[f"baseline {name}"] = ("baseline", extracted, evaluate_extracted(extracted, *held_out), fraction)
         log(f"[{cfg.task}] seed {seed}: MatTA (TA with Students {cfg.students})")
         model = MatTA(ta_spec, students=cfg.students, seed=seed, **common)
         start = time.perf_counter()
@@ -185,21 +183,37 @@ def run_task(
         train_seconds = time.perf_counter() - start
         for name, fraction in cfg.students.items():
             extracted = model.extract(name)
-            add(name, "matta_student", seed, evaluate_extracted(extracted, ds, cfg.latency_repeats), fraction)
+            seed_models[name] = ("matta_student", extracted, evaluate_extracted(extracted, *held_out), fraction)
             if out_dir and seed == seeds[0]:
-                folder = os.path.join(out_dir, "students", cfg.task, name)
-                if cfg.export_native:
-                    extracted.save(folder)
-                else:
-                    from matta import saving
-
-                    saving.write(folder, extracted.spec, extracted.weights, extracted.info)
-        add("TA", "ta", seed, {**evaluate_extracted(model.extract(), ds, cfg.latency_repeats),
-                               "train_seconds": train_seconds})
+                _export(extracted, os.path.join(out_dir, "students", cfg.task, name), cfg.export_native)
+        extracted = model.extract()
+        seed_models["TA"] = ("ta", extracted, {**evaluate_extracted(extracted, *held_out),
+                                               "train_seconds": train_seconds}, None)
         for label, g in chain:
-            add(label, "mixnmatch", seed, evaluate_extracted(model.extract(g), ds, cfg.latency_repeats), g)
+            extracted = model.extract(g)
+            seed_models[label] = ("mixnmatch", extracted, evaluate_extracted(extracted, *held_out), g)
+        # Paired rounds: every model of the seed is called once per round, so two models of one size
+        # read the same latency within noise, whatever the machine does meanwhile.
+        times = time_models({n: m for n, (_, m, _, _) in seed_models.items()}, ds.x_test[:1], cfg.latency_repeats)
+        for name, (kind, _, result, g) in seed_models.items():
+            add(name, kind, None if kind == "teacher" else seed, {**result, "latency_ms": times[name]}, g)
+        del seed_models
+        if seed == seeds[0]:
+            log(f"[{cfg.task}] seed {seed}: the best model under each parameter budget (MatTA.select)")
+            budgets = budget_choices(model, cfg, ds)
     return {"task": cfg.task, "config": cfg.to_dict(), "data": ds.info, "teacher": teacher_info,
-            "mixnmatch_chain": [c[0] for c in chain], "models": models}
+            "mixnmatch_chain": [c[0] for c in chain], "models": models, "budgets": budgets}
+
+
+def _export(extracted, folder: str, native: bool) -> None:
+    """A Student's save (``spec.json`` + ``weights.safetensors``, the native file if ``native``) and ``model.onnx``."""
+    from matta import onnx, saving
+
+    if native:
+        extracted.save(folder)
+    else:
+        saving.write(folder, extracted.spec, extracted.weights, extracted.info)
+    onnx.export(extracted.spec, extracted.weights, os.path.join(folder, "model.onnx"))
 
 
 def run_study(

@@ -8,9 +8,10 @@ import keras
 import tensorflow as tf
 
 from matta.losses import Term
+from matta.specs import MLP, Spec
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "compiled_call"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -109,3 +110,34 @@ def _quiet_group_tracing() -> None:
     logger = tf.get_logger()
     if not any(isinstance(f, _GroupTracingFilter) for f in logger.filters):
         logger.addFilter(_GroupTracingFilter())
+
+
+def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Callable[[Any], Any]:
+    """The plain model's inference call compiled by TensorFlow, with every bit of the eager call.
+
+    One ``tf.function`` traced for any batch size (and any length of token ids). Its
+    calls run without Grappler's graph rewrites, because they change the last bit of some outputs
+    (the arithmetic optimizer rewrites GELU; float64 matmuls get fused); the setting is TensorFlow's
+    thread-local per-call options, so other functions in the process keep their own.
+    """
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    shape, kind = ([None, spec.d_in], dtype) if isinstance(spec, MLP) else ([None, None], "int32")
+    graph = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, kind)])
+    ctx = context.context()
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(ctx.function_call_options.config_proto_serialized)
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    options = context.FunctionCallOptions(executor_type=ctx.function_call_options.executor_type, config_proto=config)
+
+    def call(x: Any) -> Any:
+        default = ctx.function_call_options
+        ctx.function_call_options = options
+        try:
+            return graph(x)
+        finally:
+            ctx.function_call_options = default
+
+    call.graph = graph  # the traced function, e.g. for its tracing count
+    return call

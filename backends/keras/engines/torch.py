@@ -11,7 +11,7 @@ from keras import ops
 
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads", "compiled_call"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -111,3 +111,8 @@ def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
         One tensor per index, in order.
     """
     return _PrefixReads.apply(value, *indices)
+
+
+def compiled_call(model: Any, spec: Any, dtype: str) -> None:
+    """None: the torch engine has no compiled call that keeps every bit here, so the eager call serves (the TensorFlow module has a compiled one)."""
+    return None
