@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
@@ -498,7 +499,7 @@ class Extracted:
         y = check_y(self.spec, y, task)
         return metrics(self.spec, task, self.predict(x), y)
 
-    def save(self, directory: str, *, overwrite: bool = False) -> list[str]:
+    def save(self, directory: str, *, overwrite: bool = False, native: bool = True, onnx: bool = False) -> list[str]:
         """Saves ``spec.json`` + ``weights.safetensors`` and the backend's native file, atomically (rules E5, E6).
 
         All files, ``manifest.json`` with their checksums included, are written
@@ -508,6 +509,8 @@ class Extracted:
         Args:
             directory: the save's folder.
             overwrite: replace ``directory`` even if it is not a matta save.
+            native: also write the backend's own format (``model.pt2``, ``model.keras``).
+            onnx: also write ``model.onnx`` (:func:`matta.onnx.export`, built from the spec and weights).
 
         Returns:
             The file names of the save (all but ``manifest.json``).
@@ -517,7 +520,12 @@ class Extracted:
         """
         with saving.atomic_save(directory, kind=saving.FORMAT, overwrite=overwrite) as folder:
             saving.write_extracted(folder, self.spec, self.weights, {"backend": self.backend.name, **self.info})
-            self.backend.export(self.model, self.spec, folder.path)
+            if native:
+                self.backend.export(self.model, self.spec, folder.path)
+            if onnx:
+                from matta import onnx as onnx_format  # imports the onnx package only when asked
+
+                onnx_format.export(self.spec, self.weights, os.path.join(folder.path, "model.onnx"))
         return folder.files
 
     def __repr__(self) -> str:

@@ -28,7 +28,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from matta import MLP, Transformer, extract, reference
 from matta.errors import FormatError, OptionError, SpecError
 from matta.hf import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, read_gpt2, write_gpt2
-from matta.nesting import resolve
 from matta.weights import initial_weights
 from matta.spec_tests.strategies import transformers, weights_for
 

@@ -104,3 +104,13 @@ def test_frontier_times_the_serving_call():
 
     times = frontier.measure_latency({"a": frontier.serving_call(Recorder(), np.zeros((2, 3)))}, rounds=3, warmup=1)
     assert calls == [(2, 3)] * 4 and times["a"] >= 0
+
+
+def test_an_onnx_export_is_part_of_the_atomic_save_and_its_manifest(tmp_path):
+    """Rule E6: ``Extracted.save(onnx=True)`` writes ``model.onnx`` inside the save, listed in its manifest."""
+    import json
+
+    model = MatTA(MLP(d_in=4, hidden=[8], d_out=3), students={"S": 0.5}, backend="torch", seed=0)
+    files = model.extract("S").save(str(tmp_path / "s"), native=False, onnx=True)
+    assert sorted(files) == ["model.onnx", "spec.json", "weights.safetensors"]
+    assert sorted(json.loads((tmp_path / "s" / "manifest.json").read_text())["files"]) == sorted(files)

@@ -206,14 +206,8 @@ def run_task(
 
 
 def _export(extracted, folder: str, native: bool) -> None:
-    """A Student's save (``spec.json`` + ``weights.safetensors``, the native file if ``native``) and ``model.onnx``."""
-    from matta import onnx, saving
-
-    if native:
-        extracted.save(folder)
-    else:
-        saving.write(folder, extracted.spec, extracted.weights, extracted.info)
-    onnx.export(extracted.spec, extracted.weights, os.path.join(folder, "model.onnx"))
+    """A Student's save: ``spec.json`` + ``weights.safetensors``, the native file if ``native``, and ``model.onnx``."""
+    extracted.save(folder, native=native, onnx=True)
 
 
 def run_study(
