@@ -1,5 +1,5 @@
 """What differs between the Keras engines (``KERAS_BACKEND``): gradients, float64 support, JAX's host memory,
-and torch's gradient of several prefix reads of one tensor.
+torch's gradient of several prefix reads of one tensor, and torch's strided transposes.
 
 Everything else in this backend is written once over ``keras.ops``. Keras has no
 portable gradient call (a custom ``train_step`` is per engine in Keras 3), so the
@@ -20,7 +20,7 @@ from keras import ops
 from matta.errors import InputTypeError
 from matta.specs import MLP, Spec
 
-__all__ = ["name", "value_and_grad", "prefix_reads", "float64_blocker", "check_dtype", "reuse_step_memory"]
+__all__ = ["name", "value_and_grad", "prefix_reads", "transposed", "float64_blocker", "check_dtype", "reuse_step_memory"]
 
 
 def name() -> str:
@@ -65,6 +65,17 @@ def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[A
 
 # ------------------------------------------------------------------------------ prefix reads (torch)
 _PREFIX_READS: dict[str, Any] = {}
+
+
+def transposed(x):
+    """``x.T`` laid out as a kernel of its own (a tied head's kernel, rule P3).
+
+    On torch, ``ops.transpose`` is a strided view, and a GEMM over it rounds differently
+    from the same GEMM over the contiguous kernel the plain model's ``Dense`` holds; a
+    contiguous copy makes both run the same kernel. The other engines materialize it already.
+    """
+    t = ops.transpose(x)
+    return t.contiguous() if name() == "torch" else t
 
 
 def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
