@@ -122,8 +122,9 @@ def _distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ta", required=True, metavar="DIR", help="the TA's GPT-2 checkpoint folder (with tokenizer.json)")
     parser.add_argument("--teacher", default=None, metavar="DIR", help="a GPT-2 checkpoint whose logits are the targets")
     parser.add_argument("--text", required=True, nargs="+", metavar="FILE", help="UTF-8 text files to train on")
-    parser.add_argument("--students", default="S=0.25", metavar="NAME=FRACTION[,...]",
-                        help="the Students, e.g. S=0.25,M=0.5 (fractions of d_ff by default; default S=0.25)")
+    parser.add_argument("--students", default="S=0.25", metavar="NAME=SIZE[,...]",
+                        help="the Students, e.g. S=0.25,M=0.5 (fractions of d_ff) or S=d_ff:0.25+n_layers:6 "
+                        "(per dimension); default S=0.25")
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument("--out", required=True, help="the output folder (replaced as a whole)")
     parser.add_argument("--backend", default="torch", choices=("torch", "keras"), help="the backend (default torch)")

@@ -31,27 +31,44 @@ METRICS_FILE = "metrics.json"
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def parse_students(text: str) -> dict[str, float]:
-    """``"S=0.25,M=0.5"`` as ``{"S": 0.25, "M": 0.5}`` (fractions of the nested dimensions, rule G1).
+def parse_students(text: str) -> dict[str, Any]:
+    """``"S=0.25,M=0.5"`` as ``{"S": 0.25, "M": 0.5}``: granularities in a form of rule G1.
+
+    A value is a fraction (of the spec's nested dimensions, ``d_ff`` by default) or
+    per-dimension sizes joined by ``+``: ``S=d_ff:0.25+n_heads:0.5`` (fractions, or whole sizes
+    such as ``n_layers:6``).
 
     Raises:
-        OptionError: an entry is not ``NAME=FRACTION`` or a name repeats.
+        OptionError: an entry is not of these forms, or a name repeats.
     """
-    out: dict[str, float] = {}
+    out: dict[str, Any] = {}
     for item in (part.strip() for part in str(text).split(",")):
         name, sep, value = item.partition("=")
         name = name.strip()
-        try:
-            fraction = float(value)
-        except ValueError:
-            fraction = math.nan
-        if not sep or not name or not 0 < fraction <= 1:
-            raise OptionError(f"--students must be NAME=FRACTION[,NAME=FRACTION...] with fractions in (0, 1], "
-                              f"e.g. S=0.25,M=0.5; got {item!r}")
+        g = _granularity(value) if sep else None
+        if not name or g is None:
+            raise OptionError(f"--students must be NAME=FRACTION or NAME=DIM:SIZE[+DIM:SIZE...], comma-separated, "
+                              f"e.g. S=0.25,M=0.5 or S=d_ff:0.25+n_heads:0.5; got {item!r}")
         if name in out or name == TA:
             raise OptionError(f"--students names must be unique and not {TA!r}; got {name!r} twice or reserved")
-        out[name] = fraction
+        out[name] = g
     return out
+
+
+def _granularity(text: str) -> Any:
+    """A fraction, or ``{dim: size}`` from ``dim:size+dim:size``; ``None`` if ``text`` is neither."""
+    def number(v: str) -> Any:
+        try:
+            return int(v) if v.strip().isdigit() else float(v)
+        except ValueError:
+            return None
+
+    if ":" not in text:
+        value = number(text)
+        return value if isinstance(value, float) else None
+    parts = [p.partition(":") for p in text.split("+")]
+    sizes = {dim.strip(): number(v) for dim, _, v in parts}
+    return None if any(v is None for v in sizes.values()) or len(sizes) != len(parts) else sizes
 
 
 def tokenize(checkpoint: str, files: Sequence[str], vocab_size: int) -> np.ndarray:
