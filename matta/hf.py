@@ -10,9 +10,9 @@ renames, splits ``c_attn`` in three and transposes an untied ``lm_head`` (the
 table is in ``docs/gpt2.md``). A tied GPT-2 is a spec with ``tie_embeddings``
 (rule P3).
 
-This module needs numpy and safetensors only: it never imports a deep-learning
-framework or ``transformers``, and it reads the safetensors format itself (numpy has
-no bfloat16). Nothing is unpickled: a ``pytorch_model.bin`` is refused.
+This module needs numpy only: it never imports a deep-learning framework or
+``transformers``, and it reads and writes the safetensors format itself (numpy has
+no bfloat16; the write streams tensor by tensor). Nothing is unpickled: a ``pytorch_model.bin`` is refused.
 """
 
 from __future__ import annotations
@@ -197,7 +197,8 @@ def _read_checkpoint_tensors(folder: str, keep: Callable[[str], bool]) -> dict[s
 def _read_safetensors(path: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
     """The tensors named ``keep`` of a safetensors file as numpy arrays; float16 and bfloat16 become float32.
 
-    The header is read here (8-byte little-endian length, then JSON) so that bfloat16, which
+    float32 and float64 tensors are copy-on-write memory maps of the file (writable; a write
+    changes the array, never the file). The header is read here (8-byte little-endian length, then JSON) so that bfloat16, which
     numpy lacks, is read from its raw bytes: the top 16 bits of a float32.
     """
     with open(path, "rb") as f:
@@ -230,6 +231,11 @@ def _read_safetensors(path: str, keep: Callable[[str], bool]) -> dict[str, np.nd
             count = int(np.prod(shape, dtype=np.int64))
             if end - begin != count * itemsize or not 0 <= begin <= end <= size - start:
                 raise FormatError(f"{path}: tensor {key!r} lies outside the file or has the wrong byte size")
+            if count and dtype in ("F32", "F64"):
+                # Mapped copy-on-write, not read: a tensor's pages load when something reads them, so
+                # extracting a Student touches little more than the Student's share of the file.
+                out[key] = np.memmap(path, dtype=stored, mode="c", offset=start + begin, shape=shape).view(np.ndarray)
+                continue
             f.seek(start + begin)
             array = np.fromfile(f, dtype=stored, count=count).reshape(shape)
             if dtype == "BF16":
@@ -268,10 +274,11 @@ def _to_matta(spec: Transformer, t: Mapping[str, np.ndarray]) -> dict[str, np.nd
     w = {name: t[gpt2] for gpt2, name in _TOP}
     for i in range(spec.n_layers):
         w.update({f"blocks.{i}.{name}": t[f"h.{i}.{gpt2}"] for gpt2, name in _BLOCK})
+        # Column views of c_attn, not copies: whoever needs them contiguous copies (extraction, backends).
         kernels = np.split(t[f"h.{i}.attn.c_attn.weight"], 3, axis=1)
         biases = np.split(t[f"h.{i}.attn.c_attn.bias"], 3)
         for proj, kernel, bias in zip(_QKV, kernels, biases):
-            w[f"blocks.{i}.attention.{proj}.kernel"] = np.ascontiguousarray(kernel)
+            w[f"blocks.{i}.attention.{proj}.kernel"] = kernel
             w[f"blocks.{i}.attention.{proj}.bias"] = bias
     if not spec.tie_embeddings:
         w["head.kernel"] = np.ascontiguousarray(t["lm_head.weight"].T)
@@ -369,11 +376,9 @@ def write_gpt2(
             if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < spec.vocab_size:
                 config[field] = value
 
-    from safetensors.numpy import save_file
-
     with saving.atomic_folder(path, overwrite=overwrite) as folder:
         folder.write_json(CONFIG_FILE, config)
-        save_file(tensors, os.path.join(folder.path, WEIGHTS_FILE), metadata={"format": "pt"})
+        folder.write_weights(WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         for name, source_path in copied.items():
             with open(source_path, "rb") as f:
                 folder.write_bytes(name, [f.read()])
