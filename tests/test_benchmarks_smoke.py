@@ -25,6 +25,8 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
     ratios = [row["train_ratio"] for row in r["training"]] + [row["matformer_ratio"] for row in r["training"]]
     ratios += [row["serve_ratio"] for row in r["serving"]] + [r["extraction"]["time_ratio"], r["extraction"]["memory_ratio"]]
     ratios += [row["rss_ratio"] for row in r["memory"]]
+    ratios += [r["gpt2"]["time_ratio"], r["gpt2"]["matta_memory_ratio"]]
+    assert "GPT-2 checkpoint" in proc.stdout and r["gpt2"]["student_params"] < r["gpt2"]["params"]
     assert {row["workload"] for row in r["training"]} == {"mlp", "transformer"}
     assert all(math.isfinite(x) and x > 0 for x in ratios), ratios
     assert r["extraction"]["student_params"] < r["extraction"]["ta_params"]
