@@ -128,14 +128,8 @@ class MatTA:
         return cls(spec, students, backend, _weights=weights, **kwargs)
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str,
-        students: Optional[Mapping[str, GranularityLike]] = None,
-        backend: Union[str, Backend] = "torch",
-        seed: int = 0,
-        **kwargs: Any,
-    ) -> "MatTA":
+    def from_pretrained(cls, path: str, students: Optional[Mapping[str, GranularityLike]] = None,
+                        backend: Union[str, Backend] = "torch", seed: int = 0, **kwargs: Any) -> "MatTA":
         """A MatTA whose TA starts from a GPT-2 checkpoint folder (read by :func:`matta.hf.read_gpt2`).
 
         A tied checkpoint stays tied (rule P3). The checkpoint folder is remembered, so

@@ -10,9 +10,6 @@ random weights (nothing can be downloaded here). The Keras cases run on the engi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from matta import MatTA, hf
 from matta.errors import FormatError
 from matta.hf import TOKENIZER_FILES, read_gpt2
+from tests.test_hf import run_without_matta
 
 TOL = 1e-5  # float32 logits, relative to max(1, |logit|)
 BACKENDS = ("torch", "keras")
@@ -126,14 +124,6 @@ def test_from_pretrained_refuses_what_is_not_a_gpt2_checkpoint(tmp_path):
 
 _CHILD = textwrap.dedent(
     """
-    import json, sys
-    sys.modules["matta"] = None  # the child must not be able to import matta
-    try:
-        import matta  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("matta is importable in the child")
     import numpy as np, torch
     from transformers import AutoModelForCausalLM
 
@@ -177,11 +167,7 @@ def test_saved_students_load_in_transformers_and_generate_what_matta_decodes(bac
         cases[name] = {"folder": folder, "ids": str(tmp_path / f"{name}-ids.npy"), "prompt": 5, "new": NEW_TOKENS}
         expected[name] = (student.predict(ids), greedy(student, ids[:, :5], NEW_TOKENS))
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "cases.json"), str(tmp_path / "out.npz")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_without_matta(_CHILD, str(tmp_path / "cases.json"), str(tmp_path / "out.npz"), cwd=tmp_path)
     got = np.load(tmp_path / "out.npz")
     for name, (logits, decoded) in expected.items():
         assert_logits_close(got[name + "/logits"], logits)
