@@ -3,14 +3,15 @@
 ``MatTA.from_pretrained`` against ``transformers``' own logits, ``matta.hf.teacher``, and
 ``Extracted.save_pretrained`` loaded by ``transformers`` in a child process where ``import
 matta`` fails (logits and greedy ``generate()``). Checkpoints are ``transformers`` models with
-random weights (nothing can be downloaded here). The Keras cases run on the engine
-``KERAS_BACKEND`` names.
+random weights (nothing can be downloaded here). Last, a tied parameter's gradient on each
+backend is the sum of both uses' gradients. The Keras cases run on the engine ``KERAS_BACKEND`` names.
 """
 
 from __future__ import annotations
 
 import json
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from matta import MatTA, hf
+from matta import MatTA, Transformer, hf
+from matta.backend import get_backend
 from matta.errors import FormatError
 from matta.hf import TOKENIZER_FILES, read_gpt2
+from matta.losses import LossOptions, StepPlan, Term
+from matta.nesting import full, resolve
+from matta.spec_tests.strategies import inputs_for, targets_for, weights_for
 from tests.test_hf import run_without_matta
 
 TOL = 1e-5  # float32 logits, relative to max(1, |logit|)
@@ -173,3 +178,27 @@ def test_saved_students_load_in_transformers_and_generate_what_matta_decodes(bac
         assert_logits_close(got[name + "/logits"], logits)
         assert decoded.shape == (2, 5 + NEW_TOKENS)
         np.testing.assert_array_equal(got[name + "/generated"], decoded)
+
+
+# --- the tied parameter's gradient ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tied_parameter_gets_the_sum_of_both_uses_gradients(backend):
+    tied = Transformer(vocab_size=11, max_len=6, d_model=8, n_layers=2, n_heads=2, d_ff=12, tie_embeddings=True)
+    untied = replace(tied, tie_embeddings=False)
+    w = weights_for(tied, seed=7, dtype="float32", scale=0.5)
+    w_untied = {**w, "head.kernel": np.ascontiguousarray(w["embed.tokens"].T)}   # the same function, two matrices
+    x = inputs_for(tied, 7, batch=3)
+    targets = targets_for(tied, 7, 3, x, soft=True)
+    plan = StepPlan(0, (Term("TA", full(tied), 1.0, None), Term("S", resolve(tied, {"d_model": 4, "n_heads": 1}), 0.5,
+                                                                   "TA")), 0.4)
+    b = get_backend(backend)
+    loss_t, g_t = b.loss_and_gradients(b.build(tied, w, device="cpu"), x, targets, plan, LossOptions())
+    loss_u, g_u = b.loss_and_gradients(b.build(untied, w_untied, device="cpu"), x, targets, plan, LossOptions())
+    assert "head.kernel" not in g_t and abs(loss_t - loss_u) <= 1e-5 * max(1.0, abs(loss_u))
+    np.testing.assert_allclose(g_t["embed.tokens"], g_u["embed.tokens"] + g_u["head.kernel"].T, rtol=1e-4, atol=1e-5)
+    for name in g_t:
+        if name != "embed.tokens":
+            np.testing.assert_allclose(g_t[name], g_u[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
