@@ -28,12 +28,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write all results to this JSON file")
     parser.add_argument("--backends", default="torch", help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: training, serving, paths, frontier, extraction, memory")
+                        help="comma-separated sections to skip: training, serving, paths, frontier, extraction, memory, gpt2")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     steps, repeats = (2, 1) if args.smoke else (10, 5)
     results: dict = {"machine": machine(), "smoke": args.smoke, "training": [], "serving": [], "paths": [], "frontier": [],
-                     "extraction": {}, "memory": []}
+                     "extraction": {}, "memory": [], "gpt2": {}}
 
     for backend in filter(None, args.backends.split(",")):
         if backend == "torch":
@@ -69,6 +69,10 @@ def main(argv=None) -> int:
         from benchmarks import memory_bench
 
         results["memory"] = memory_bench.run(args.smoke, [b for b in args.backends.split(",") if b])
+    if "gpt2" not in skip:
+        from benchmarks import gpt2_bench
+
+        results["gpt2"] = gpt2_bench.run(args.smoke)
 
     _print(results)
     if args.json:
@@ -129,6 +133,12 @@ def _print(r: dict) -> None:
     if r["memory"]:
         print("\nPeak RSS of training (MatTA vs the TA alone)")
         print(table(r["memory"], ["workload", "backend", "matta_rss_mb", "ta_rss_mb", "rss_ratio", "matta_delta_mb", "ta_delta_mb", "delta_ratio"]))
+    if r.get("gpt2"):
+        from benchmarks.gpt2_bench import COLUMNS
+
+        print("\nGPT-2 checkpoint: read + extract + write vs transformers' from_pretrained + save_pretrained "
+              "(goals: time_ratio <= 1.0, matta_memory_ratio <= 1.2)")
+        print(table([r["gpt2"]], COLUMNS))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``matta demo`` and ``matta export`` (also ``python -m matta ...``).
+"""Command line: ``matta demo``, ``matta export`` and ``matta distill`` (also ``python -m matta ...``).
 
 Only the standard library is imported here; each command imports its heavy
 dependencies (scikit-learn, matplotlib, rich, the framework) when it runs.
@@ -36,13 +36,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "Each value of each --budget chooses one model: the best held-out metric within it (needs --data).",
     )
     _export_arguments(export)
+    distill = sub.add_parser(
+        "distill", help="a pretrained GPT-2 checkpoint in, nested GPT-2 Students out",
+        description="Starts the TA from a GPT-2 checkpoint folder, tokenizes the text with the tokenizer saved "
+        "there, holds out the last tenth of the sequences, co-trains the TA and the Students (on a Teacher "
+        "checkpoint's logits with --teacher), and writes each Student and the TA as GPT-2 checkpoints with the "
+        "tokenizer, plus metrics.json (held-out loss and perplexity, parameters), into OUT.",
+    )
+    _distill_arguments(distill)
     args = parser.parse_args(argv)
     from matta.errors import MattaError
 
     if args.command == "demo":
         from matta.demo.cli import run
     else:
-        run = _export
+        run = _export if args.command == "export" else _distill
     try:
         return run(args)
     except MattaError as e:
@@ -106,6 +114,34 @@ def _export(args: argparse.Namespace) -> int:
         score = "-" if not m["metrics"] else f"{metric} {m['metrics'][metric]:.4f}"
         print(f"{m['folder']}: {m['name']}, {m['params']:,} params, {m['flops']:,} FLOPs, {latency}, {score}")
     print(f"wrote {os.path.join(os.path.abspath(args.out), 'manifest.json')}")
+    return 0
+
+
+def _distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``matta distill``."""
+    parser.add_argument("--ta", required=True, metavar="DIR", help="the TA's GPT-2 checkpoint folder (with tokenizer.json)")
+    parser.add_argument("--teacher", default=None, metavar="DIR", help="a GPT-2 checkpoint whose logits are the targets")
+    parser.add_argument("--text", required=True, nargs="+", metavar="FILE", help="UTF-8 text files to train on")
+    parser.add_argument("--students", default="S=0.25", metavar="NAME=SIZE[,...]",
+                        help="the Students, e.g. S=0.25,M=0.5 (fractions of d_ff) or S=d_ff:0.25+n_layers:6 "
+                        "(per dimension); default S=0.25")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    parser.add_argument("--out", required=True, help="the output folder (replaced as a whole)")
+    parser.add_argument("--backend", default="torch", choices=("torch", "keras"), help="the backend (default torch)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(128, n_positions))")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds batch order and granularity sampling (default 0)")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT even if it is not empty")
+
+
+def _distill(args: argparse.Namespace) -> int:
+    """Runs ``matta distill`` (:func:`matta.distill.distill`)."""
+    from matta.distill import distill, parse_students
+
+    distill(args.ta, args.text, parse_students(args.students), args.steps, args.out, teacher=args.teacher,
+            backend=args.backend, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+            learning_rate=args.learning_rate, overwrite=args.overwrite)
     return 0
 
 

@@ -10,9 +10,9 @@ renames, splits ``c_attn`` in three and transposes an untied ``lm_head`` (the
 table is in ``docs/gpt2.md``). A tied GPT-2 is a spec with ``tie_embeddings``
 (rule P3).
 
-This module needs numpy and safetensors only: it never imports a deep-learning
-framework or ``transformers``, and it reads the safetensors format itself (numpy has
-no bfloat16). Nothing is unpickled: a ``pytorch_model.bin`` is refused.
+This module needs numpy only: it never imports a deep-learning framework or
+``transformers``, and it reads and writes the safetensors format itself (numpy has
+no bfloat16; the write streams tensor by tensor). Nothing is unpickled: a ``pytorch_model.bin`` is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
@@ -29,11 +29,14 @@ from matta.errors import FormatError, OptionError, SaveError, SpecError, choice,
 from matta.specs import Transformer, check_spec
 from matta.weights import check_weights
 
-__all__ = ["read_gpt2", "write_gpt2", "CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE"]
+__all__ = ["read_gpt2", "write_gpt2", "check_gpt2", "teacher", "tokenizer_files", "CONFIG_FILE", "WEIGHTS_FILE", "INDEX_FILE",
+           "TOKENIZER_FILES"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: The tokenizer files of a checkpoint folder that :func:`write_gpt2` copies with ``tokenizer_from``.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 PREFIX = "transformer."  # what save_pretrained puts before every key but lm_head's
 
 #: GPT-2 config fields whose other values change the function matta computes, with the value
@@ -194,7 +197,8 @@ def _read_checkpoint_tensors(folder: str, keep: Callable[[str], bool]) -> dict[s
 def _read_safetensors(path: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
     """The tensors named ``keep`` of a safetensors file as numpy arrays; float16 and bfloat16 become float32.
 
-    The header is read here (8-byte little-endian length, then JSON) so that bfloat16, which
+    float32 and float64 tensors are copy-on-write memory maps of the file (writable; a write
+    changes the array, never the file). The header is read here (8-byte little-endian length, then JSON) so that bfloat16, which
     numpy lacks, is read from its raw bytes: the top 16 bits of a float32.
     """
     with open(path, "rb") as f:
@@ -227,6 +231,11 @@ def _read_safetensors(path: str, keep: Callable[[str], bool]) -> dict[str, np.nd
             count = int(np.prod(shape, dtype=np.int64))
             if end - begin != count * itemsize or not 0 <= begin <= end <= size - start:
                 raise FormatError(f"{path}: tensor {key!r} lies outside the file or has the wrong byte size")
+            if count and dtype in ("F32", "F64"):
+                # Mapped copy-on-write, not read: a tensor's pages load when something reads them, so
+                # extracting a Student touches little more than the Student's share of the file.
+                out[key] = np.memmap(path, dtype=stored, mode="c", offset=start + begin, shape=shape).view(np.ndarray)
+                continue
             f.seek(start + begin)
             array = np.fromfile(f, dtype=stored, count=count).reshape(shape)
             if dtype == "BF16":
@@ -265,10 +274,11 @@ def _to_matta(spec: Transformer, t: Mapping[str, np.ndarray]) -> dict[str, np.nd
     w = {name: t[gpt2] for gpt2, name in _TOP}
     for i in range(spec.n_layers):
         w.update({f"blocks.{i}.{name}": t[f"h.{i}.{gpt2}"] for gpt2, name in _BLOCK})
+        # Column views of c_attn, not copies: whoever needs them contiguous copies (extraction, backends).
         kernels = np.split(t[f"h.{i}.attn.c_attn.weight"], 3, axis=1)
         biases = np.split(t[f"h.{i}.attn.c_attn.bias"], 3)
         for proj, kernel, bias in zip(_QKV, kernels, biases):
-            w[f"blocks.{i}.attention.{proj}.kernel"] = np.ascontiguousarray(kernel)
+            w[f"blocks.{i}.attention.{proj}.kernel"] = kernel
             w[f"blocks.{i}.attention.{proj}.bias"] = bias
     if not spec.tie_embeddings:
         w["head.kernel"] = np.ascontiguousarray(t["lm_head.weight"].T)
@@ -291,7 +301,8 @@ def _to_gpt2(spec: Transformer, w: Mapping[str, np.ndarray]) -> dict[str, np.nda
 
 
 def write_gpt2(
-    spec: Transformer, weights: Mapping[str, np.ndarray], path: PathLike, *, pad: bool = False, overwrite: bool = False
+    spec: Transformer, weights: Mapping[str, np.ndarray], path: PathLike, *, pad: bool = False, overwrite: bool = False,
+    tokenizer_from: Optional[PathLike] = None,
 ) -> str:
     """Writes a matta Transformer as a GPT-2 checkpoint folder that ``transformers`` loads.
 
@@ -314,6 +325,9 @@ def write_gpt2(
         pad: zero-pad per-block sizes and missing heads to a uniform GPT-2.
         overwrite: replace an existing non-empty folder, a file or a symlink (never followed)
             at ``path`` (else that is an error).
+        tokenizer_from: a checkpoint folder whose tokenizer files (:data:`TOKENIZER_FILES`,
+            whichever exist) are copied into ``path``, and whose ``config.json``
+            ``bos_token_id``/``eos_token_id`` are kept when they lie inside the vocabulary.
 
     Returns:
         ``path``.
@@ -333,6 +347,7 @@ def write_gpt2(
     except SaveError as exc:
         raise FormatError(exc.strerror) from None
     weights = check_weights(spec, weights)
+    copied = {} if tokenizer_from is None else tokenizer_files(tokenizer_from)
     spec, weights = _as_gpt2(spec, weights, pad)
     tensors = _to_gpt2(spec, weights)
     dtype = next(iter(weights.values())).dtype.name
@@ -353,13 +368,100 @@ def write_gpt2(
         "eos_token_id": None,
         "dtype": dtype,
     }
-
-    from safetensors.numpy import save_file
+    source_config = None if tokenizer_from is None else os.path.join(os.fspath(tokenizer_from), CONFIG_FILE)
+    if source_config is not None and os.path.isfile(source_config):
+        source = _read_json(source_config)
+        for field in ("bos_token_id", "eos_token_id"):
+            value = source.get(field) if isinstance(source, Mapping) else None
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < spec.vocab_size:
+                config[field] = value
 
     with saving.atomic_folder(path, overwrite=overwrite) as folder:
         folder.write_json(CONFIG_FILE, config)
-        save_file(tensors, os.path.join(folder.path, WEIGHTS_FILE), metadata={"format": "pt"})
+        folder.write_weights(WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        for name, source_path in copied.items():
+            with open(source_path, "rb") as f:
+                folder.write_bytes(name, [f.read()])
     return os.fspath(path)
+
+
+def tokenizer_files(path: PathLike) -> dict[str, str]:
+    """``{file name: path}`` of the :data:`TOKENIZER_FILES` that exist in the checkpoint folder ``path``.
+
+    Raises:
+        FormatError: ``path`` is not a folder.
+    """
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise FormatError(f"{folder!r} is not a checkpoint folder (no such directory)")
+    return {n: os.path.join(folder, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n))}
+
+
+# --- a checkpoint as a Teacher -------------------------------------------------------------
+
+
+class Teacher:
+    """A GPT-2 checkpoint as a Teacher: ``teacher(ids) -> logits``, batch by batch, on a matta backend.
+
+    Built by :func:`teacher`; ``MatTA.fit(teacher=...)`` calls it on each batch of token ids.
+
+    Attributes:
+        spec: the checkpoint's spec.
+        path: the checkpoint folder.
+    """
+
+    def __init__(self, spec: Transformer, weights: Mapping[str, np.ndarray], path: str, backend: Any,
+                 device: Optional[str], batch_size: int):
+        from matta.backend import get_backend
+
+        self.spec, self.path, self.batch_size = spec, path, batch_size
+        self.backend = get_backend(backend)
+        self.model = self.backend.build_plain(spec, weights, device=device)
+
+    def __call__(self, ids: Any) -> np.ndarray:
+        """Logits ``(n, time, vocab_size)`` of the token ids ``(n, time)``.
+
+        Raises:
+            InputError: ``ids`` is not a 2-D array of ids below ``spec.vocab_size``, or is longer
+                than ``spec.max_len``.
+        """
+        from matta.inputs import check_x
+
+        x = check_x(self.spec, ids, "float32")
+        parts = [self.backend.plain_forward(self.model, x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, x.shape[1], self.spec.vocab_size), np.float32)
+
+    def __repr__(self) -> str:
+        return f"Teacher({self.path!r}, num_params={self.spec.num_params}, backend={self.backend.name!r})"
+
+
+def teacher(path: PathLike, backend: Any = "torch", *, device: Optional[str] = None, batch_size: int = 32) -> Teacher:
+    """A GPT-2 checkpoint as a Teacher for ``MatTA.fit(teacher=...)`` (its logits; ``teacher_output="logits"``).
+
+    The checkpoint is read by :func:`read_gpt2` and computed by the backend's plain model, ``batch_size``
+    sequences at a time; ``transformers`` is not used.
+
+    Args:
+        path: the checkpoint folder.
+        backend: the backend that computes it (the Students' own, usually).
+        device: backend device string.
+        batch_size: sequences per forward call.
+
+    Raises:
+        FormatError, SpecError: as :func:`read_gpt2`.
+    """
+    integer("batch_size", batch_size, 1)
+    spec, weights = read_gpt2(path)
+    return Teacher(spec, weights, os.fspath(path), backend, device, int(batch_size))
+
+
+def check_gpt2(spec: Transformer) -> None:
+    """Checks that :func:`write_gpt2` writes ``spec`` without ``pad``.
+
+    Raises:
+        SpecError: naming the field that is not a GPT-2's.
+    """
+    _as_gpt2(spec, {}, pad=False)  # without pad, a spec that passes is returned before any weight is read
 
 
 def _as_gpt2(spec: Transformer, w: dict[str, np.ndarray], pad: bool) -> tuple[Transformer, dict[str, np.ndarray]]:

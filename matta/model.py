@@ -108,6 +108,8 @@ class MatTA:
         self.model = self.backend.build(self.spec, weights, device=device)
         # Steps of each finished fit, in order; the next fit draws its batches from seed + len(_fits).
         self._fits: list[int] = []
+        #: The checkpoint folder :meth:`from_pretrained` read, else ``None``.
+        self.pretrained: Optional[str] = None
 
     @classmethod
     def from_weights(
@@ -125,6 +127,31 @@ class MatTA:
         weights = check_weights(check_spec(spec), weights)
         kwargs.setdefault("dtype", next(iter(weights.values())).dtype.name)
         return cls(spec, students, backend, _weights=weights, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str, students: Optional[Mapping[str, GranularityLike]] = None,
+                        backend: Union[str, Backend] = "torch", seed: int = 0, **kwargs: Any) -> "MatTA":
+        """A MatTA whose TA starts from a GPT-2 checkpoint folder (read by :func:`matta.hf.read_gpt2`).
+
+        A tied checkpoint stays tied (rule P3). The checkpoint folder is remembered, so
+        :meth:`Extracted.save_pretrained` of the extracted models copies its tokenizer files.
+
+        Args:
+            path: a folder ``save_pretrained`` wrote (``config.json`` + safetensors).
+            students: name -> granularity, as for :class:`MatTA`.
+            backend: the backend to train on.
+            seed: seeds batch order and granularity sampling.
+            **kwargs: any other :class:`MatTA` option (``dtype`` defaults to the checkpoint's).
+
+        Raises:
+            FormatError, SpecError: the folder is not a GPT-2 checkpoint matta computes.
+        """
+        from matta import hf
+
+        spec, weights = hf.read_gpt2(path)
+        model = cls.from_weights(spec, weights, students, backend, seed=seed, **kwargs)
+        model.pretrained = str(path)
+        return model
 
     # ------------------------------------------------------------------ granularities
     def granularity(self, granularity: Union[str, GranularityLike] = TA) -> Granularity:
@@ -266,7 +293,9 @@ class MatTA:
         sub_spec, sub_weights = extract(self.weights, self.spec, g)
         name = granularity if isinstance(granularity, str) else None
         info = {"source": {"name": name, "granularity": g.to_dict(self.spec), "spec": self.spec.to_dict()}}
-        return Extracted(sub_spec, sub_weights, self.backend, device=self.device, info=info)
+        out = Extracted(sub_spec, sub_weights, self.backend, device=self.device, info=info)
+        out.pretrained = self.pretrained
+        return out
 
     # ------------------------------------------------------------------ choosing and shipping
     def frontier(
@@ -480,6 +509,8 @@ class Extracted:
         self.info = dict(info or {})
         self.model = self.backend.build_plain(self.spec, self.weights, device=device)
         self._serve = self.backend.serving(self.model)
+        #: The GPT-2 checkpoint folder the TA started from (:meth:`MatTA.from_pretrained`), else ``None``.
+        self.pretrained: Optional[str] = None
 
     @property
     def num_params(self) -> int:
@@ -527,6 +558,27 @@ class Extracted:
 
                 onnx_format.export(self.spec, self.weights, os.path.join(folder.path, "model.onnx"))
         return folder.files
+
+    def save_pretrained(self, path: str, *, pad: bool = False, overwrite: bool = False) -> str:
+        """Writes this Transformer as a GPT-2 checkpoint folder that ``transformers`` loads (:func:`matta.hf.write_gpt2`).
+
+        The tokenizer files next to the checkpoint the TA started from (:data:`matta.hf.TOKENIZER_FILES`,
+        whichever exist) are copied in, so ``AutoTokenizer`` and ``pipeline`` load the folder as it is.
+
+        Args:
+            path: the folder to write (atomically, rule E6).
+            pad: zero-pad per-block sizes and missing heads to a uniform GPT-2 (the same function).
+            overwrite: replace an existing non-empty folder at ``path``.
+
+        Returns:
+            ``path``.
+
+        Raises:
+            SpecError: the model is not a GPT-2 (naming the field) and ``pad`` cannot or may not fix it.
+        """
+        from matta import hf
+
+        return hf.write_gpt2(self.spec, self.weights, path, pad=pad, overwrite=overwrite, tokenizer_from=self.pretrained)
 
     def __repr__(self) -> str:
         return f"Extracted({type(self.spec).__name__}, num_params={self.num_params}, backend={self.backend.name!r})"

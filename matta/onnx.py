@@ -13,7 +13,8 @@ The graph computes :func:`matta.reference.plain_forward`:
 * Transformer: input ``tokens`` int64 ``(batch, time)`` with ``1 <= time <= max_len``,
   output ``logits`` ``(batch, time, vocab_size)``; learned positions, pre-LayerNorm
   blocks with their own heads and ``d_ff``, causal attention scaled by ``1/sqrt(d_head)``,
-  a final LayerNorm and the untied head. Batch and time are dynamic.
+  a final LayerNorm and the head (a tied head, rule P3, is a ``Transpose`` of the
+  ``embed.tokens`` initializer). Batch and time are dynamic.
 
 Every initializer carries the spec's parameter name and every node a name that
 starts with its layer's (``blocks.0.attention.scores``), so the graph reads like
@@ -179,6 +180,8 @@ def _transformer(g: _Graph, spec: Transformer) -> tuple[list[Any], list[Any]]:
         a = g.gelu(g.dense(a, f"{p}.ffn.up"), f"{p}.ffn.gelu")
         h = g.op("Add", [h, g.dense(a, f"{p}.ffn.down")], f"{p}.ffn.residual")
     h = g.layer_norm(h, "final_norm", spec.layer_norm_epsilon)
+    if spec.tie_embeddings:  # rule P3: the head's kernel is the token table transposed, one initializer
+        g.op("Transpose", ["embed.tokens"], "head.kernel", perm=[1, 0])
     g.dense(h, "head", bias=False, out="logits")
     inputs = [helper.make_tensor_value_info("tokens", g.onnx.TensorProto.INT64, ["batch", "time"])]
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch", "time", spec.vocab_size])]

@@ -134,9 +134,13 @@ class SaveFolder:
         """Writes ``value`` as JSON (strict: no NaN or Infinity)."""
         self.write_bytes(name, [json.dumps(value, indent=2, sort_keys=True, allow_nan=False).encode() + b"\n"])
 
-    def write_weights(self, name: str, weights: Mapping[str, np.ndarray]) -> None:
-        """Writes ``weights`` as a safetensors file, streamed tensor by tensor (no second copy in memory)."""
-        header: dict[str, Any] = {}
+    def write_weights(self, name: str, weights: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
+        """Writes ``weights`` as a safetensors file, streamed tensor by tensor (no second copy in memory).
+
+        ``metadata`` is the file's ``__metadata__`` (string to string), e.g. ``{"format": "pt"}``,
+        which ``transformers`` requires.
+        """
+        header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(metadata)}
         arrays = []
         offset = 0
         for key in sorted(weights):

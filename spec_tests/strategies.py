@@ -49,13 +49,13 @@ def mlps(draw: Any, min_classes: int = 1) -> MLP:
 
 
 @st.composite
-def transformers(draw: Any, min_vocab: int = 2, tied: bool | None = False) -> Transformer:
+def transformers(draw: Any, min_vocab: int = 2, tied: bool | None = None) -> Transformer:
     """Random GPT-2-style specs: 1–3 blocks, 1–3 heads of width 1–4, per-block widths, any nested set.
 
     Args:
         min_vocab: smallest vocabulary drawn.
-        tied: ``tie_embeddings`` of every drawn spec (rule P3), or ``None`` to draw it. The
-            default, untied, is what every backend runs.
+        tied: ``tie_embeddings`` of every drawn spec (rule P3), or ``None`` (the default) to
+            draw it, so every property of the suite covers tied and untied heads.
     """
     n_layers = draw(st.integers(1, 3))
     per_layer = lambda lo, hi: st.one_of(st.integers(lo, hi), st.lists(st.integers(lo, hi), min_size=n_layers, max_size=n_layers))  # noqa: E731

@@ -29,6 +29,8 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
     assert {row["path"] for row in r["paths"]} == {"torch Extracted.predict", "torch.export program", "onnxruntime"}
     assert {row["batch"] for row in r["paths"]} > {1} and {row["task"] for row in r["frontier"]} == {"digits", "text"}
     assert all(row["frontier_s"] > 0 and row["models"] > 2 for row in r["frontier"])
+    ratios += [r["gpt2"]["time_ratio"], r["gpt2"]["matta_memory_ratio"]]
+    assert "GPT-2 checkpoint" in proc.stdout and r["gpt2"]["student_params"] < r["gpt2"]["params"]
     assert {row["workload"] for row in r["training"]} == {"mlp", "transformer"}
     assert all(math.isfinite(x) and x > 0 for x in ratios), ratios
     assert r["extraction"]["student_params"] < r["extraction"]["ta_params"]

@@ -152,7 +152,8 @@ def test_half_precision_checkpoints_read_as_float32(dtype, tmp_path):
 
 # --- matta checkpoints in transformers, with matta out of reach -------------------------------
 
-_CHILD = textwrap.dedent(
+#: The start of a child process's code: from here on, ``import matta`` fails.
+NO_MATTA = textwrap.dedent(
     """
     import json, sys
     sys.modules["matta"] = None  # the child must not be able to import matta
@@ -162,6 +163,21 @@ _CHILD = textwrap.dedent(
         pass
     else:
         raise SystemExit("matta is importable in the child")
+    """
+)
+
+
+def run_without_matta(code: str, *args: str, cwd: Path) -> None:
+    """Runs ``NO_MATTA + code`` in a child Python with ``args``, offline and without PYTHONPATH; fails on an error."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", NO_MATTA + code, *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+_CHILD = textwrap.dedent(
+    """
     import numpy as np, torch
     from transformers import AutoModelForCausalLM
 
@@ -200,11 +216,7 @@ def test_written_checkpoints_load_in_transformers_without_matta(tmp_path):
         listing[name] = {"folder": str(folder), "ids": str(tmp_path / f"{name}-ids.npy")}
         expected[name] = reference.forward(spec, weights, ids, g)   # the TA's nested sub-network at g
     (tmp_path / "cases.json").write_text(json.dumps(listing))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "cases.json"), str(tmp_path / "out.npz")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_without_matta(_CHILD, str(tmp_path / "cases.json"), str(tmp_path / "out.npz"), cwd=tmp_path)
     got = np.load(tmp_path / "out.npz")
     assert sorted(got.files) == sorted(cases)
     for name in cases:
@@ -400,12 +412,12 @@ def test_write_never_leaves_half_a_checkpoint(tmp_path, monkeypatch):
         write_gpt2(spec, w, target)
     assert sorted(p.name for p in target.iterdir()) == ["tokenizer.json"]
 
-    import safetensors.numpy
+    from matta import saving
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", fail)
+    monkeypatch.setattr(saving.SaveFolder, "write_weights", fail)  # the weights file, written after config.json
     with pytest.raises(OSError, match="disk full"):
         write_gpt2(spec, w, target, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "a temporary folder was left behind"

@@ -1,7 +1,7 @@
 """Tied embeddings in the core (rule P3): spec layout, numpy reference, nesting, extraction, JSON.
 
-Core only: the conformance strategies draw untied specs by default (what every backend runs),
-so these tests ask for tied ones with ``transformers(tied=True)``.
+Core only: the conformance strategies draw tied and untied specs by default; these tests ask
+for tied ones with ``transformers(tied=True)``.
 """
 
 from __future__ import annotations

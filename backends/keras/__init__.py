@@ -35,7 +35,7 @@ from matta.specs import MLP, Spec
 from matta.training import TrainingRun
 from matta.backends.keras import engine
 from matta.backends.keras.learning_rate import RunLearningRate
-from matta.backends.keras.models import NestedModel, assign, plain_model, plain_variables
+from matta.backends.keras.models import NestedModel, assign, assign_plain, plain_model, plain_variables
 from matta.backends.keras.training import KerasOps, Trainer, fit, make_optimizer, step_loss
 
 __all__ = ["KerasBackend", "KerasOps", "backend"]
@@ -90,8 +90,10 @@ class KerasBackend(Backend):
         return {k: np.array(ops.convert_to_numpy(v.value), copy=True) for k, v in variables.items()}
 
     def set_weights(self, model: Any, weights: Mapping[str, np.ndarray]) -> None:
-        variables = model.params if isinstance(model, NestedModel) else plain_variables(model, model._matta_spec)
-        assign(variables, weights)
+        if isinstance(model, NestedModel):
+            assign(model.params, weights)
+        else:
+            assign_plain(model, model._matta_spec, weights)
 
     def _input(self, spec: Spec, dtype: str, x: np.ndarray):
         if isinstance(spec, MLP):

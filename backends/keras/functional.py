@@ -28,6 +28,7 @@ from keras import ops
 from keras.backend import standardize_dtype
 
 from matta.specs import MLP, Transformer
+from matta.backends.keras import engine
 
 __all__ = [
     "Layers",
@@ -183,6 +184,8 @@ def transformer_graph(spec: Transformer, ids, layers: Layers):
         a = layers.dense(f"{p}.ffn.up", a, ff, activation="gelu")
         h = h + layers.dense(f"{p}.ffn.down", a, spec.d_model)
     h = layers.layer_norm("final_norm", h, eps)
+    if spec.tie_embeddings:  # rule P3: the head is the token table transposed
+        return layers.tied_head("head", "embed.tokens", h, spec.vocab_size)
     return layers.dense("head", h, spec.vocab_size, bias=False)  # outputs never sliced (rule S4)
 
 
@@ -197,6 +200,10 @@ class Layers(Protocol):
     def layer_norm(self, name: str, x, epsilon: float): ...
 
     def embedding(self, name: str, ids, rows: int, width: int): ...
+
+    def tied_head(self, name: str, table: str, x, units: int):
+        """The head ``name`` of a tied spec: ``x @ table.T`` for the embedding ``table`` (rule P3)."""
+        ...
 
     def split_heads(self, name: str, x, heads: int, d_head: int): ...
 
@@ -219,6 +226,9 @@ class WeightLayers:
 
     def embedding(self, name: str, ids, rows: int, width: int):
         return embedding(self.weights[name], ids, self.dtype)
+
+    def tied_head(self, name: str, table: str, x, units: int):
+        return dense(x, engine.current().transposed(self.weights[table]))
 
     def split_heads(self, name: str, x, heads: int, d_head: int):
         return split_heads(x, heads, d_head)

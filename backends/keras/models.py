@@ -27,7 +27,7 @@ from matta.specs import MLP, Spec, Transformer
 from matta.backends.keras import engine
 from matta.backends.keras import functional as F
 
-__all__ = ["NestedModel", "plain_model", "plain_variables", "keras_name"]
+__all__ = ["NestedModel", "plain_model", "plain_variables", "assign_plain", "keras_name"]
 
 #: MLP activations a built-in ``Dense(activation=name)`` computes with the op :func:`functional.activation` uses.
 INSIDE_DENSE = ("relu", "tanh", "sigmoid", "silu")
@@ -197,6 +197,12 @@ class _BuiltinLayers:
     def embedding(self, name: str, ids, rows: int, width: int):
         return layers.Embedding(rows, width, dtype=self.dtype, name=keras_name(name))(ids)
 
+    def tied_head(self, name: str, table: str, x, units: int):
+        # No built-in layer reads another layer's variable, so the plain graph holds the tied head
+        # as a Dense whose kernel is a copy of the token table transposed (same function, one more
+        # matrix in model.keras); :func:`assign_plain` keeps the copy equal to the table.
+        return self.dense(name, x, units, bias=False)
+
     def split_heads(self, name: str, x, heads: int, d_head: int):
         return layers.Reshape((-1, heads, d_head), dtype=self.dtype, name=keras_name(name))(x)
 
@@ -235,3 +241,10 @@ def assign(variables: Mapping[str, keras.Variable], weights: Mapping[str, np.nda
     """Copies numpy weights into variables (same names, shapes and dtype)."""
     for name, value in weights.items():
         variables[name].assign(np.ascontiguousarray(value))
+
+
+def assign_plain(model: keras.Model, spec: Spec, weights: Mapping[str, np.ndarray]) -> None:
+    """Copies numpy weights into the plain model; a tied head's kernel gets the token table transposed (rule P3)."""
+    assign(plain_variables(model, spec), weights)
+    if isinstance(spec, Transformer) and spec.tie_embeddings and "embed.tokens" in weights:
+        model.get_layer(keras_name("head")).kernel.assign(np.ascontiguousarray(weights["embed.tokens"].T))

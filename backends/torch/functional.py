@@ -97,7 +97,9 @@ def transformer(spec: Transformer, weights: Weights, x: torch.Tensor) -> torch.T
     Args:
         spec: the model's spec (a sub-network's spec for a nested forward: its kept blocks
             renumbered ``0..n-1``, rule D2).
-        weights: every parameter of ``spec``; ``head.kernel`` is ``(vocab, d_model)``.
+        weights: every parameter of ``spec``; ``head.kernel`` is ``(vocab, d_model)``. A tied
+            spec has no ``head.kernel``: its head is ``embed.tokens`` (rule P3), which torch
+            already stores ``(vocab, d_model)``.
         x: token ids ``(batch, time)`` with ``time <= spec.max_len``.
 
     Returns:
@@ -107,4 +109,5 @@ def transformer(spec: Transformer, weights: Weights, x: torch.Tensor) -> torch.T
     for i in range(spec.n_layers):
         h = block(spec, weights, i, h)
     h = layer_norm(spec, weights, "final_norm", h)
-    return F.linear(h, weights["head.kernel"])  # (B, T, vocab): the head has no bias
+    head = weights["embed.tokens"] if spec.tie_embeddings else weights["head.kernel"]  # rule P3
+    return F.linear(h, head)  # (B, T, vocab): the head has no bias

@@ -163,7 +163,12 @@ class Embeddings(nn.Module):
 
 
 class PlainTransformer(_SpecModule):
-    """A plain GPT-2-style decoder (per-block heads and FFN widths allowed)."""
+    """A plain GPT-2-style decoder (per-block heads and FFN widths allowed).
+
+    A tied spec (rule P3) has no ``head`` module: the forward multiplies by
+    ``embed.tokens.weight``, so the model holds one parameter for both uses and
+    ``torch.export`` sees it once.
+    """
 
     def __init__(self, spec: Transformer):
         super().__init__()
@@ -173,7 +178,8 @@ class PlainTransformer(_SpecModule):
             Block(spec.d_model, h * spec.d_head, f, eps) for h, f in zip(spec.heads_per_layer, spec.ff_per_layer)
         )
         self.final_norm = nn.LayerNorm(spec.d_model, eps=eps)
-        self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if not spec.tie_embeddings:  # a tied head is the token embedding's own parameter (rule P3)
+            self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         self._bind(spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from matta.losses import Term
 from matta.backends.keras.training import Trainer, all_finite
 
 __all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit",
-           "reuse_step_memory", "malloc_left_alone", "STEP_MEMORY_THRESHOLD", "compiled_call"]
+           "reuse_step_memory", "malloc_left_alone", "STEP_MEMORY_THRESHOLD", "compiled_call", "transposed"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]],
@@ -178,3 +178,8 @@ def reuse_step_memory() -> bool:
 def compiled_call(model: Any, spec: Any, dtype: str) -> None:
     """None: ``jax.jit`` fuses a Transformer's ops and changes the last bit of some outputs, so the eager call serves (the TensorFlow module has a compiled one)."""
     return None
+
+
+def transposed(x):
+    """``x.T`` as a kernel of its own (a tied head's kernel, rule P3); this engine materializes it already."""
+    return keras.ops.transpose(x)

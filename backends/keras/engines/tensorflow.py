@@ -11,7 +11,7 @@ from matta.losses import Term
 from matta.specs import MLP, Spec
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "compiled_call"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "compiled_call", "transposed"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -141,3 +141,8 @@ def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Callable[[Any],
 
     call.graph = graph  # the traced function, e.g. for its tracing count
     return call
+
+
+def transposed(x):
+    """``x.T`` as a kernel of its own (a tied head's kernel, rule P3); this engine materializes it already."""
+    return keras.ops.transpose(x)

@@ -11,7 +11,7 @@ from keras import ops
 
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads", "compiled_call"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads", "compiled_call", "transposed"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -116,3 +116,13 @@ def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
 def compiled_call(model: Any, spec: Any, dtype: str) -> None:
     """None: the torch engine has no compiled call that keeps every bit here, so the eager call serves (the TensorFlow module has a compiled one)."""
     return None
+
+
+def transposed(x):
+    """``x.T`` laid out as a kernel of its own (a tied head's kernel, rule P3).
+
+    ``ops.transpose`` is a strided view on torch, and a GEMM over it rounds differently from the
+    same GEMM over the contiguous kernel the plain model's ``Dense`` holds; a contiguous copy
+    makes both run the same kernel.
+    """
+    return keras.ops.transpose(x).contiguous()
