@@ -254,7 +254,7 @@ class _Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         step = int(logs["step"])
-        if step != self.run.done:  # Keras repeats the last step's logs when the stream ends early
+        if step < self.run.done:  # TensorFlow's logs of a step counted already, when the stream ends early
             self._rewrite(logs)
             return
         loss = float(logs["loss"])
@@ -308,13 +308,13 @@ class _Resumable(keras.callbacks.Callback):
         self.previous, self.current = self.current, [(v, ops.copy(v.value)) for v in variables]
 
     def on_train_batch_end(self, batch, logs=None):
+        # Every step: the variables then hold the steps counted done when an error stops fit.
+        self.model  # noqa: B018 - brings JAX's state back to the variables
         if self.recorder.bad is None and self.run.done % self.run.steps_per_epoch != 0:
-            self.model  # noqa: B018 - brings JAX's state back to the variables
             self.run.save_checkpoint_if_due()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.recorder.bad is None:  # after the recorder's epoch-end hook: the checkpoint holds its logs
-            self.model  # noqa: B018
             self.run.save_checkpoint_if_due()
 
     def undo(self) -> bool:
@@ -365,12 +365,14 @@ def _keras_batches(trainer: Trainer, run: TrainingRun, dtype: str, integer_input
             return
         except Exception as exc:  # noqa: BLE001 - re-raised as itself by fit()
             failures.append(exc)
+            trainer.stop_training = True  # else Keras starts the next epoch on the batches it peeked
             return
         terms = batch.plan.terms
         if trainer.static_terms is None:
             trainer.planned[batch.step] = terms
         elif terms != trainer.static_terms:
             off_plan.append(batch.step)
+            trainer.stop_training = True
             return
         targets, n = batch.targets, len(batch.x)
         y = {"step": np.full((n,), batch.step, np.int32), "distill": np.full((n,), batch.plan.distill, dtype)}
