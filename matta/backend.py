@@ -76,7 +76,9 @@ class Backend(Protocol):
 
     def fit(self, model: Any, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
             weight_decay: float = 0.0, **kwargs: Any) -> None:
-        """Trains ``model`` over ``run.batches()``, calling ``run.record`` before each update."""
+        """Trains ``model`` over ``run.batches()``, calling ``run.record`` before each update and
+        ``run.applied`` after it; on a non-finite loss or gradient it puts back the weights and
+        optimizer state from before the last applied update and calls ``run.undone`` (rule T4)."""
         ...
 
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> Any:
@@ -120,6 +122,23 @@ class Backend(Protocol):
         and numpy importable, and defines ``predict(x: numpy.ndarray) -> numpy.ndarray`` (``x`` in the
         model's float dtype, or integer token ids). Default: None, the export has no such loader."""
         return None
+
+    def get_optimizer_state(self, model: Any) -> dict[str, np.ndarray]:
+        """The state of the optimizer ``fit`` trains ``model`` with, as named numpy copies (rule T7's
+        checkpoints save it). Default: ``{}``, an optimizer without state (plain SGD)."""
+        return {}
+
+    def set_optimizer_state(self, model: Any, state: Mapping[str, np.ndarray]) -> None:
+        """Loads what :meth:`get_optimizer_state` returned into ``model``'s optimizer; ``fit`` calls it
+        with ``run.optimizer_state`` once it has made the optimizer (a resumed run, rule T7).
+
+        Default: accepts only the empty state.
+
+        Raises:
+            BackendError: the state does not fit this backend's optimizer.
+        """
+        if state:
+            raise BackendError(f"backend {self.name!r} keeps no optimizer state; got {sorted(state)[:5]}")
 
     def model_packages(self) -> tuple[str, ...]:
         """Packages whose classes are this backend's native models (:func:`backend_of` reads them).

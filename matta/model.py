@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
-from matta import saving, shipping
+from matta import checkpoints, saving, shipping
 from matta.backend import Backend, get_backend
 from matta.errors import (
     FormatError, GranularityError, InputError, InputTypeError, MattaError, OptionError, choice, describe, integer,
@@ -110,6 +112,8 @@ class MatTA:
         self._fits: list[int] = []
         #: The checkpoint folder :meth:`from_pretrained` read, else ``None``.
         self.pretrained: Optional[str] = None
+        #: The last fit's ``{"steps": [...], "epochs": [...]}``, up to its error if it stopped on one.
+        self.history: Optional[dict[str, list]] = None
 
     @classmethod
     def from_weights(
@@ -193,6 +197,10 @@ class MatTA:
         teacher: TeacherLike = None,
         validation_data: Optional[tuple[Any, Any]] = None,
         progress: Optional[bool] = None,
+        checkpoint_dir: Optional[str] = None,
+        checkpoint_every: int = 100,
+        keep: int = 3,
+        resume: bool = False,
         **backend_options: Any,
     ) -> dict[str, list]:
         """Co-trains the TA and the Students with the composite loss (rules L1–L6).
@@ -208,13 +216,24 @@ class MatTA:
                 ``teacher_output``). ``None`` trains on ``y`` alone.
             validation_data: ``(x_val, y_val)`` evaluated after every epoch.
             progress: show a progress bar (default: when there are 50 steps or more).
+            checkpoint_dir: write checkpoints there, one folder per checkpoint (rule T7).
+            checkpoint_every: steps between checkpoints (one is also written at the end and after an error).
+            keep: how many of the newest checkpoints to keep.
+            resume: continue from the newest valid checkpoint in ``checkpoint_dir`` (a fresh
+                start if there is none); the MatTA and this call must be configured as the run that wrote it.
             **backend_options: passed to the backend's ``fit`` (e.g. Keras callbacks).
 
         Returns:
-            ``{"steps": [per-step logs], "epochs": [per-epoch validation logs]}``.
+            ``{"steps": [per-step logs], "epochs": [per-epoch validation logs]}``, also kept as :attr:`history`.
 
         Raises:
-            NonFiniteLossError: the loss became NaN/Inf; the weights are those of the last good step.
+            NonFiniteLossError: the loss or a gradient became NaN/Inf; the weights are those before
+                the last applied update (rule T4).
+            OptionError: ``resume=True`` and the checkpoint was written by a run configured differently.
+
+        Any error leaves the model at the step its history ends with: the history so far is
+        :attr:`history` and the error's ``history`` attribute, and with ``checkpoint_dir`` a
+        checkpoint of that step is written (when writing it fails too, the earlier ones stay).
         """
         x = check_x(self.spec, x, self.dtype)
         y = check_y(self.spec, y, self.options.task)
@@ -241,6 +260,19 @@ class MatTA:
             x_val = check_x(self.spec, validation_data[0], self.dtype)
             y_val = check_y(self.spec, validation_data[1], self.options.task)
             on_epoch_end = lambda epoch: self.evaluate(x_val, y_val)  # noqa: E731
+        resumed, config = None, None
+        if checkpoint_dir is not None:
+            integer("checkpoint_every", checkpoint_every, 1)
+            integer("keep", keep, 1)
+            config = self._checkpoint_config(x, y, teacher, int(batch_size), total)
+            if resume:
+                resumed = checkpoints.newest(checkpoint_dir, self.spec.to_dict())
+                if resumed is not None:
+                    checkpoints.check_match(resumed, config)
+                    self.weights = resumed.weights
+                    self._fits = [int(n) for n in resumed.state["fits"]]
+        elif resume:
+            raise OptionError("resume=True needs checkpoint_dir, the folder of the checkpoints to resume from")
         run = TrainingRun(
             spec=self.spec, x=x, y=y, teacher=teacher, options=self.options, schedule=self.schedule,
             steps=total, batch_size=int(batch_size), seed=self.seed + len(self._fits),
@@ -248,12 +280,53 @@ class MatTA:
             learning_rate_schedule=self.learning_rate_schedule, warmup_steps=self.warmup_steps,
             steps_per_epoch=steps_per_epoch, on_epoch_end=on_epoch_end,
         )
-        self.backend.fit(
-            self.model, run, optimizer=self.optimizer, learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay, **backend_options,
-        )
+        if resumed is not None:
+            run.start = run.done = run._saved = resumed.step
+            run.history = list(resumed.state["history"])
+            run.epoch_logs = list(resumed.state["epoch_logs"])
+            run.optimizer_state = resumed.optimizer
+        if checkpoint_dir is not None:
+            fits = list(self._fits)
+            run.checkpoint_every = int(checkpoint_every)
+            run.checkpoint = lambda done: checkpoints.write(  # noqa: E731
+                checkpoint_dir, done,
+                {"config": config, "fits": fits, "history": run.history[:done], "epoch_logs": run.epoch_logs},
+                self.weights, self.backend.get_optimizer_state(self.model), int(keep))
+        try:
+            self.backend.fit(
+                self.model, run, optimizer=self.optimizer, learning_rate=self.learning_rate,
+                weight_decay=self.weight_decay, **backend_options,
+            )
+        except BaseException as exc:
+            self.history = {"steps": run.consistent_history(), "epochs": run.epoch_logs}
+            exc.history = self.history
+            try:
+                run.save_checkpoint()
+            except MattaError as save_exc:  # the error that stopped the run is the one to report
+                exc.add_note(f"matta: the checkpoint of step {run.done} could not be written: {save_exc}")
+            raise
         self._fits.append(total)
-        return {"steps": run.history, "epochs": run.epoch_logs}
+        self.history = {"steps": run.history, "epochs": run.epoch_logs}
+        return self.history
+
+    def _checkpoint_config(self, x: np.ndarray, y: np.ndarray, teacher: TeacherLike, batch_size: int,
+                           steps: int) -> dict[str, Any]:
+        """What a resumed fit must share with the one that wrote the checkpoint (rule T7), as JSON values."""
+        data = hashlib.sha256()
+        for a in (x, y) + ((teacher,) if isinstance(teacher, np.ndarray) else ()):
+            data.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1))
+        config = {
+            "spec": self.spec.to_dict(),
+            "students": {name: g.to_dict(self.spec) for name, g in self.students.items()},
+            "loss_options": {name: getattr(self.options, name) for name in LossOptions.names()},
+            "seed": self.seed, "dtype": self.dtype, "backend": self.backend.name,
+            "learning_rate": self.learning_rate, "weight_decay": self.weight_decay,
+            "learning_rate_schedule": self.learning_rate_schedule, "warmup_steps": self.warmup_steps,
+            "optimizer": self.optimizer if self.optimizer is None or isinstance(self.optimizer, str) else "custom",
+            "batch_size": batch_size, "steps": steps, "data_sha256": data.hexdigest(),
+            "teacher": "callable" if callable(teacher) else ("array" if teacher is not None else None),
+        }
+        return json.loads(json.dumps(config))
 
     # ------------------------------------------------------------------ inference
     def predict(self, x: Any, granularity: Union[str, GranularityLike] = TA) -> np.ndarray:

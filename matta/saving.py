@@ -18,7 +18,8 @@ every other file's size and SHA-256 and the save's kind:
   tag, spec, dtype, parameter count, where the model came from),
   ``weights.safetensors`` (rule P2 layout) and the backend's native file;
 * ``matta.model/1`` (:meth:`matta.MatTA.save`): ``model.json`` (everything
-  that rebuilds the MatTA) and ``weights.safetensors`` (the TA's weights).
+  that rebuilds the MatTA) and ``weights.safetensors`` (the TA's weights);
+* ``matta.checkpoint/1`` (:mod:`matta.checkpoints`): one training checkpoint.
 
 Reading (:func:`open_save`): every file is opened without following symlinks,
 read once, checked against the manifest, and parsed with bounds checks (the
@@ -52,6 +53,7 @@ __all__ = [
     "FORMAT",
     "MODEL_FORMAT",
     "MANIFEST_FORMAT",
+    "CHECKPOINT_FORMAT",
     "SaveFolder",
     "SavedFolder",
     "atomic_folder",
@@ -71,7 +73,8 @@ __all__ = [
 FORMAT = "matta.extracted/1"
 MODEL_FORMAT = "matta.model/1"
 MANIFEST_FORMAT = "matta.manifest/1"
-KINDS = (FORMAT, MODEL_FORMAT)
+CHECKPOINT_FORMAT = "matta.checkpoint/1"
+KINDS = (FORMAT, MODEL_FORMAT, CHECKPOINT_FORMAT)
 SPEC_FILE = "spec.json"
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -144,7 +147,7 @@ class SaveFolder:
         arrays = []
         offset = 0
         for key in sorted(weights):
-            a = np.ascontiguousarray(weights[key])
+            a = np.ascontiguousarray(weights[key]).reshape(np.shape(weights[key]))  # ascontiguousarray makes 0-d 1-d
             code = _CODES.get(a.dtype.name)
             if code is None:
                 raise SaveError(errno.EINVAL, f"weights[{key!r}] has dtype {a.dtype}; a save holds {sorted(_CODES)}")
@@ -602,7 +605,8 @@ class SavedFolder:
     def expect(self, kind: str) -> None:
         """Raises :class:`FormatError` unless the save is of ``kind``."""
         if self.kind != kind:
-            hint = {FORMAT: "an extracted model: load it with matta.load", MODEL_FORMAT: "a MatTA: load it with MatTA.load"}
+            hint = {FORMAT: "an extracted model: load it with matta.load", MODEL_FORMAT: "a MatTA: load it with MatTA.load",
+                    CHECKPOINT_FORMAT: "a training checkpoint: resume it with MatTA.fit(checkpoint_dir=..., resume=True)"}
             raise FormatError(f"{self.path!r} holds a {self.kind!r} save ({hint.get(self.kind, 'unknown')}); expected {kind!r}")
 
     def read_bytes(self, name: str, limit: Optional[int] = None) -> bytearray:
@@ -630,19 +634,26 @@ class SavedFolder:
         costs no more than the file's size.
         """
         path = os.path.join(self.path, name)
-        data = self.read_bytes(name)
-        entries, start = _safetensors_header(data, path)
+        entries, tensors = self._tensors(name)
         spec = _spec_for(spec_dict, entries, path)
-        weights = {}
+        for key, a in tensors.items():
+            if not allow_nonfinite and not np.isfinite(a).all():
+                raise FormatError(f"{path}: tensor {key!r} holds NaN or Inf; pass allow_nonfinite=True to load it anyway")
+        return spec, check_weights(spec, tensors)
+
+    def read_tensors(self, name: str) -> dict[str, np.ndarray]:
+        """The named tensors of safetensors file ``name`` (header bounds-checked), whatever their names and shapes."""
+        return self._tensors(name)[1]
+
+    def _tensors(self, name: str) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+        data = self.read_bytes(name)
+        entries, start = _safetensors_header(data, os.path.join(self.path, name))
+        tensors = {}
         for key, (dtype, shape, begin, end) in entries.items():
             a = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + begin).reshape(shape)
             a = a.astype(dtype.newbyteorder("="), copy=False)
-            if not a.flags.aligned:
-                a = a.copy()
-            if not allow_nonfinite and not np.isfinite(a).all():
-                raise FormatError(f"{path}: tensor {key!r} holds NaN or Inf; pass allow_nonfinite=True to load it anyway")
-            weights[key] = a
-        return spec, check_weights(spec, weights)
+            tensors[key] = a if a.flags.aligned else a.copy()
+        return entries, tensors
 
     def verify_rest(self) -> None:
         """Checks the listed files nobody read (e.g. the backend's native file) against the manifest."""

@@ -1,11 +1,13 @@
-"""The backend-neutral half of a training run: batches, targets, plans, progress, NaN guard.
+"""The backend-neutral half of a training run: batches, targets, plans, progress, NaN guard, checkpoint hook.
 
 A backend's ``fit`` loops over :meth:`TrainingRun.batches` (or takes
 :meth:`TrainingRun.batch_stream` where its framework runs the loop), computes the
 composite loss of each batch's plan in its framework, calls
 :meth:`TrainingRun.record` with the loss *before* applying the update, and
-applies it only if ``record`` returns. So a NaN/Inf loss stops the run with
-the weights of the last good step (rule T4).
+applies it only if ``record`` returns; then it calls :meth:`TrainingRun.applied`,
+which counts the step and writes a checkpoint when one is due (rule T7). On a
+NaN/Inf loss or gradient the backend puts back the weights and optimizer state
+from before the last applied update (rule T4).
 """
 
 from __future__ import annotations
@@ -39,18 +41,23 @@ class Batch:
     plan: StepPlan
 
 
-def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
-    """Shuffled mini-batches: each epoch is a fresh permutation; the last short batch of an epoch is kept."""
-    assert num_examples > 0 and batch_size > 0 and steps >= 0
-    rng = np.random.default_rng([seed, 104729])
-    produced = 0
-    while produced < steps:
-        order = rng.permutation(num_examples)
-        for start in range(0, num_examples, batch_size):
-            if produced == steps:
+def batch_indices(num_examples: int, batch_size: int, steps: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Shuffled mini-batches ``start, …, steps - 1``: each epoch is a fresh permutation; the last short batch is kept.
+
+    Epoch ``e``'s permutation comes from its own generator seeded by ``(seed, e)``, so the
+    stream starts at any step without drawing the batches before it (a resumed run, rule T7).
+    """
+    assert num_examples > 0 and batch_size > 0 and 0 <= start <= steps
+    per_epoch = -(-num_examples // batch_size)
+    step = start
+    while step < steps:
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, 104729, epoch]).permutation(num_examples)
+        for begin in range(offset * batch_size, num_examples, batch_size):
+            if step == steps:
                 return
-            yield order[start : start + batch_size]
-            produced += 1
+            yield order[begin : begin + batch_size]
+            step += 1
 
 
 def learning_rate_scale(schedule: str, warmup_steps: int, step: int, total_steps: int) -> float:
@@ -77,6 +84,11 @@ class TrainingRun:
 
     Attributes:
         history: one dict per step: ``step``, ``loss``, ``distill`` and each term's part.
+        start: steps done before this process (a resumed run, rule T7); batches start there.
+        checkpoint: ``hook(steps_done)`` that writes a checkpoint, or ``None``.
+        checkpoint_every: steps between checkpoints.
+        optimizer_state: the optimizer state a resumed run's backend loads
+            (:meth:`matta.backend.Backend.set_optimizer_state`) once it has made its optimizer.
     """
 
     spec: Spec
@@ -96,7 +108,16 @@ class TrainingRun:
     on_epoch_end: Optional[Callable[[int], Optional[dict]]] = None
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_logs: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0
+    checkpoint: Optional[Callable[[int], None]] = None
+    checkpoint_every: int = 0
+    optimizer_state: Optional[dict[str, np.ndarray]] = None
     _bar: Any = None
+
+    def __post_init__(self) -> None:
+        #: Steps of this run whose update is applied (``start`` of them before this process).
+        self.done = self.start
+        self._saved = self.start
 
     def batch_targets(self, index: np.ndarray, x: np.ndarray) -> Targets[np.ndarray]:
         """The numpy targets of the examples ``index`` (Teacher outputs made probabilities)."""
@@ -120,22 +141,25 @@ class TrainingRun:
         """Rule T6 at ``step`` of this run."""
         return learning_rate_scale(self.learning_rate_schedule, self.warmup_steps, step, self.steps)
 
-    def batch_stream(self) -> Iterator[Batch]:
-        """The run's batches in order (examples, targets, plan), and nothing else.
+    def batch_stream(self, start: Optional[int] = None, stop: Optional[int] = None) -> Iterator[Batch]:
+        """The run's batches of steps ``start`` (default :attr:`start`) to ``stop`` (default the end), in order.
 
-        For a backend whose framework runs the loop, the progress display and the epoch-end
-        hook itself (Keras' ``fit``); :meth:`batches` is this stream with both.
+        Examples, targets, plan, and nothing else: for a backend whose framework runs the
+        loop, the progress display and the epoch-end hook itself (Keras' ``fit``);
+        :meth:`batches` is this stream with both.
         """
-        for step, index in enumerate(batch_indices(len(self.x), self.batch_size, self.steps, self.seed)):
+        start = self.start if start is None else start
+        indices = batch_indices(len(self.x), self.batch_size, self.steps if stop is None else stop, self.seed, start)
+        for step, index in enumerate(indices, start):
             x = self.x[index]
             yield Batch(step, x, self.batch_targets(index, x), self.schedule.plan(step, self.steps))
 
     def batches(self) -> Iterator[Batch]:
-        """:meth:`batch_stream` with a progress bar when asked for, and ``on_epoch_end`` after each epoch."""
+        """:meth:`batch_stream` with a progress bar when asked for, ``on_epoch_end`` after each epoch, and checkpoints."""
         if self.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.steps, desc="matta fit", unit="step", leave=True)
+            self._bar = tqdm(total=self.steps, initial=self.start, desc="matta fit", unit="step", leave=True)
         try:
             for batch in self.batch_stream():
                 yield batch
@@ -145,6 +169,7 @@ class TrainingRun:
                     self.epoch_logs.append(logs)
                     if self._bar is not None and logs:
                         self._bar.write(" ".join(f"{k}={v:.4g}" for k, v in _flat(logs).items()))
+                self.save_checkpoint_if_due()
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -159,10 +184,46 @@ class TrainingRun:
             raise self._non_finite(step, "a gradient became NaN or infinite")
 
     def _non_finite(self, step: int, what: str) -> NonFiniteLossError:
+        if step > self.start:  # rule T4: step - 1's update is undone too
+            kept = f"the weights are those after step {step - 2} (step {step - 1}'s update was undone)"
+            if step - 1 == 0:
+                kept = "the weights are the starting ones (step 0's update was undone)"
+        else:
+            kept = "the weights are this fit's starting ones (the update was not applied)"
         return NonFiniteLossError(
-            f"{what} at step {step}; the weights are those after step {step - 1} (the update was not applied). "
-            "Lower the learning rate, check the inputs, or use float64."
+            f"{what} at step {step}; {kept}. Lower the learning rate, check the inputs, or use float64."
         )
+
+    def applied(self, step: int) -> None:
+        """Counts step ``step``'s update as applied. Backends call this after each update.
+
+        :meth:`batches` then writes a checkpoint when one is due (rule T7), after the
+        epoch-end hook; a backend on :meth:`batch_stream` calls :meth:`save_checkpoint_if_due`.
+        """
+        assert step == self.done, (step, self.done)
+        self.done = step + 1
+
+    def save_checkpoint_if_due(self) -> None:
+        """Writes a checkpoint through the ``checkpoint`` hook every ``checkpoint_every`` steps and at the end (rule T7)."""
+        if self.checkpoint is not None and self.done > self.start and self.done != self._saved and (
+                self.done % self.checkpoint_every == 0 or self.done == self.steps):
+            self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        """Writes a checkpoint of the steps done now (if checkpointing is on and it is not written yet)."""
+        if self.checkpoint is not None and self.done != self._saved:
+            self.checkpoint(self.done)
+            self._saved = self.done
+
+    def undone(self) -> None:
+        """Rule T4: the backend put back the weights from before the last applied update; the run is one step back."""
+        if self.done > self.start:
+            self.done -= 1
+
+    def consistent_history(self) -> list[dict[str, float]]:
+        """The history of the steps whose updates the model holds (after an error: the steps before it)."""
+        del self.history[self.done:]
+        return self.history
 
     def record(self, step: int, loss: float, parts: Optional[dict[str, float]] = None, distill: float = 0.0) -> None:
         """Logs one step's loss; raises :class:`NonFiniteLossError` if it is NaN or infinite.

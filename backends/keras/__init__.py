@@ -28,7 +28,7 @@ import numpy as np
 from keras import ops
 
 from matta.backend import FRAMEWORK_PACKAGES, Backend
-from matta.errors import OptionError
+from matta.errors import BackendError, OptionError
 from matta.losses import LossOptions, StepPlan, Targets
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
@@ -44,6 +44,11 @@ __all__ = ["KerasBackend", "KerasOps", "backend"]
 _TRAINERS: "weakref.WeakKeyDictionary[NestedModel, tuple[Any, Trainer, keras.optimizers.Optimizer]]" = (
     weakref.WeakKeyDictionary()
 )
+
+
+def _state_name(variable: keras.Variable) -> str:
+    """An optimizer variable's name without the optimizer's own (``adam_w_3/…``), which counts optimizers made."""
+    return variable.path.split("/", 1)[-1]
 
 
 def _dtype_of(weights: Mapping[str, np.ndarray]) -> str:
@@ -144,9 +149,37 @@ class KerasBackend(Backend):
             trainer = Trainer(model)
             _TRAINERS[model] = (optimizer, trainer, opt)
         if run.schedules_learning_rate:
-            # Rule T6 on the optimizer's own step counter; this run's steps start at its current value.
-            opt.learning_rate = RunLearningRate(learning_rate, run, start=int(ops.convert_to_numpy(opt.iterations)))
+            # Rule T6 on the optimizer's own step counter: this run's step run.start is its current value
+            # (read once a resumed run's state is in).
+            opt.learning_rate = schedule = RunLearningRate(learning_rate, run, start=0)
+        if run.optimizer_state is not None:  # a resumed run (rule T7)
+            if not opt.built:
+                opt.build(trainer.trainable_variables)
+            self.set_optimizer_state(model, run.optimizer_state)
+        if run.schedules_learning_rate:
+            schedule.start = int(ops.convert_to_numpy(opt.iterations)) - run.start
         fit(trainer, run, opt, integer_inputs=not isinstance(model.spec, MLP), **kwargs)
+
+    # -------------------------------------------------------------- optimizer state (rule T7)
+    def get_optimizer_state(self, model: NestedModel) -> dict[str, np.ndarray]:
+        """``<index>/<variable path>`` for each of the optimizer's variables (the step counter included)."""
+        cached = _TRAINERS.get(model)
+        if cached is None or not cached[2].built:
+            return {}
+        return {_state_name(v): np.array(ops.convert_to_numpy(v.value), copy=True) for v in cached[2].variables}
+
+    def set_optimizer_state(self, model: NestedModel, state: Mapping[str, np.ndarray]) -> None:
+        """Assigns :meth:`get_optimizer_state`'s arrays to the built optimizer's variables, matched by name and shape."""
+        cached = _TRAINERS.get(model)
+        variables = list(cached[2].variables) if cached is not None and cached[2].built else []
+        names = [_state_name(v) for v in variables]
+        if sorted(names) != sorted(state):
+            raise BackendError(f"the optimizer state does not fit this optimizer: it holds {sorted(state)[:4]}…, "
+                               f"the optimizer's variables are {names[:4]}…")
+        for name, v in zip(names, variables):
+            if tuple(np.shape(state[name])) != tuple(v.shape):
+                raise BackendError(f"optimizer state {name!r} has shape {np.shape(state[name])}; the variable has {v.shape}")
+            v.assign(np.asarray(state[name]).astype(v.dtype))
 
     # -------------------------------------------------------------- plain models
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> keras.Model:

@@ -24,7 +24,7 @@ class RunLearningRate(keras.optimizers.schedules.LearningRateSchedule):
     Args:
         base: the learning rate the schedule scales.
         run: the run whose schedule, warm-up and length it follows.
-        start: the optimizer's step counter when the run begins (fit() calls continue it).
+        start: the optimizer's step counter at the run's step 0 (fit() calls continue it).
     """
 
     def __init__(self, base: float, run: TrainingRun, start: int):

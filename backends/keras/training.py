@@ -34,9 +34,12 @@ Design choices:
   override where that choice is wrong for you.
 * **NaN/Inf (rule T4).** The step applies its update only if its loss and all
   its gradients are finite (each engine's ``apply_if_finite``), and a callback
-  stops ``fit`` at that step; the backend then raises
-  :class:`matta.errors.NonFiniteLossError` through ``TrainingRun.record``. So the
-  weights are those of the last good step.
+  stops ``fit`` at that step; another puts back its copy of the weights and
+  optimizer state from before the update before it, and the backend raises
+  :class:`matta.errors.NonFiniteLossError` through ``TrainingRun.record``.
+* **Checkpoints (rule T7).** That callback also writes the run's checkpoints
+  (``TrainingRun.save_checkpoint_if_due``) after each step and after the
+  recorder's epoch end, where Keras' ``ModelCheckpoint`` would.
 * **Logs.** The step returns its own loss and per-term parts; the first callback
   records them in ``run.history`` (where the NaN check happens) and rewrites the
   Keras logs into epoch running means, which is what Keras users expect to see
@@ -251,6 +254,9 @@ class _Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         logs = logs if logs is not None else {}
         step = int(logs["step"])
+        if step < self.run.done:  # TensorFlow's logs of a step counted already, when the stream ends early
+            self._rewrite(logs)
+            return
         loss = float(logs["loss"])
         grads_ok = bool(int(logs["grads_finite"]))
         if not (math.isfinite(loss) and grads_ok):
@@ -262,6 +268,7 @@ class _Recorder(keras.callbacks.Callback):
             return
         parts = {k[: -len("_loss")]: float(v) for k, v in logs.items() if k.endswith("_loss")}
         self.run.record(step, loss, parts, float(logs["distill"]))
+        self.run.applied(step)
         self._count += 1
         for k, v in logs.items():
             if k == "loss" or k.endswith("_loss"):
@@ -277,6 +284,47 @@ class _Recorder(keras.callbacks.Callback):
             for name, metrics in results.items():
                 for metric, value in (metrics.items() if isinstance(metrics, dict) else [("", metrics)]):
                     logs[f"val_{name}_{metric}" if metric else f"val_{name}"] = value
+
+
+class _Resumable(keras.callbacks.Callback):
+    """Rule T4's undo and rule T7's checkpoints, as a Keras callback after the recorder.
+
+    Before each step it copies the weights and the optimizer state (accessing ``self.model``
+    brings JAX's state back to the variables first, as Keras' own ``ModelCheckpoint`` does);
+    the copy from before the last good step is kept until the next step is known good, so a
+    non-finite step can put back the weights from before the update before it. It costs up to
+    two copies of the weights and the optimizer state.
+    """
+
+    def __init__(self, run: TrainingRun, recorder: _Recorder):
+        super().__init__()
+        self.run, self.recorder = run, recorder
+        self.previous: Optional[list] = None  # before the last applied update
+        self.current: Optional[list] = None  # before the running step's update
+
+    def on_train_batch_begin(self, batch, logs=None):
+        trainer = self.model
+        variables = [*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables]
+        self.previous, self.current = self.current, [(v, ops.copy(v.value)) for v in variables]
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Every step: the variables then hold the steps counted done when an error stops fit.
+        self.model  # noqa: B018 - brings JAX's state back to the variables
+        if self.recorder.bad is None and self.run.done % self.run.steps_per_epoch != 0:
+            self.run.save_checkpoint_if_due()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.recorder.bad is None:  # after the recorder's epoch-end hook: the checkpoint holds its logs
+            self.run.save_checkpoint_if_due()
+
+    def undo(self) -> bool:
+        """Puts back the copy from before the last applied update; whether there was one (rule T4)."""
+        if self.previous is None:
+            return False
+        for v, value in self.previous:
+            v.assign(value)
+        self.previous = self.current = None
+        return True
 
 
 def make_optimizer(optimizer: Any, learning_rate: float, weight_decay: float) -> keras.optimizers.Optimizer:
@@ -300,19 +348,31 @@ def make_optimizer(optimizer: Any, learning_rate: float, weight_decay: float) ->
     )
 
 
-def _keras_batches(trainer: Trainer, run: TrainingRun, dtype: str, integer_inputs: bool,
-                   off_plan: list[int]) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
-    """``run.batch_stream()`` as Keras batches ``(x, y)``, ``y`` a dict of arrays (targets, ``distill`` λ(t), ``step``).
+def _keras_batches(trainer: Trainer, run: TrainingRun, dtype: str, integer_inputs: bool, off_plan: list[int],
+                   failures: list[Exception], start: int, stop: int) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+    """``run.batch_stream(start, stop)`` as Keras batches ``(x, y)``, ``y`` a dict of arrays (targets, ``distill`` λ(t), ``step``).
 
     A varying plan's terms wait in ``trainer.planned`` for their step. Under a static plan, a step
-    that plans other terms ends the stream before it trains; its index goes to ``off_plan``.
+    that plans other terms ends the stream before it trains; its index goes to ``off_plan``. An
+    error making a batch (a failing teacher callable) ends the stream too and goes to ``failures``,
+    so that ``fit`` raises that same error, not the engine's wrapping of it.
     """
-    for batch in run.batch_stream():
+    stream = run.batch_stream(start, stop)
+    while True:
+        try:
+            batch = next(stream)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised as itself by fit()
+            failures.append(exc)
+            trainer.stop_training = True  # else Keras starts the next epoch on the batches it peeked
+            return
         terms = batch.plan.terms
         if trainer.static_terms is None:
             trainer.planned[batch.step] = terms
         elif terms != trainer.static_terms:
             off_plan.append(batch.step)
+            trainer.stop_training = True
             return
         targets, n = batch.targets, len(batch.x)
         y = {"step": np.full((n,), batch.step, np.int32), "distill": np.full((n,), batch.plan.distill, dtype)}
@@ -376,21 +436,42 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
         optimizer.build(trainer.trainable_variables)
     engine.current().prepare_fit()
     recorder = _Recorder(run)
+    resumable = _Resumable(run, recorder)
     spe = run.steps_per_epoch
     epochs = math.ceil(run.steps / spe)
     verbose = kwargs.get("verbose", "auto" if run.progress else 0)
     off_plan: list[int] = []
+    failures: list[Exception] = []
+    # Keras epochs are of one length: a run resumed inside an epoch (rule T7) trains the rest of it first.
+    first = run.start // spe
+    parts = [(first, first + 1, spe - run.start % spe, run.start, min((first + 1) * spe, run.steps))]
+    if run.start % spe == 0 or parts[0][4] == run.steps:
+        parts = [(first, epochs, spe, run.start, run.steps)]
+    elif first + 1 < epochs:
+        parts.append((first + 1, epochs, spe, (first + 1) * spe, run.steps))
+    history = None
     with warnings.catch_warnings():
         # A run of `steps` that is not a whole number of epochs ends inside its last epoch, by design.
         warnings.filterwarnings("ignore", message="Your input ran out of data")
-        history = trainer.fit(
-            _keras_batches(trainer, run, trainer.nested.compute_dtype_name, integer_inputs, off_plan),
-            epochs=epochs, steps_per_epoch=spe, callbacks=[recorder, *callbacks], verbose=verbose, shuffle=False,
-        )
+        for initial, end, per_epoch, start, stop in parts:
+            if start >= stop:
+                break
+            history = trainer.fit(
+                _keras_batches(trainer, run, trainer.nested.compute_dtype_name, integer_inputs, off_plan, failures,
+                               start, stop),
+                epochs=end, initial_epoch=initial, steps_per_epoch=per_epoch,
+                callbacks=[recorder, resumable, *callbacks], verbose=verbose, shuffle=False,
+            )
+            if recorder.bad is not None or off_plan or failures or trainer.stop_training:
+                break
     if recorder.bad is not None:
         step, loss, grads_ok = recorder.bad
+        if resumable.undo():  # rule T4: the update before the bad step is undone too
+            run.undone()
         run.record(step, loss)  # raises NonFiniteLossError on a non-finite loss
         run.check_gradients(step, grads_ok)  # else the gradient was the problem: raises too
+    if failures:
+        raise failures[0]
     if off_plan:
         assert static is not None
         raise _off_plan(run, off_plan[0], static)

@@ -20,7 +20,7 @@ import numpy as np
 
 from matta import reference
 from matta.backend import Backend
-from matta.errors import OptionError
+from matta.errors import NonFiniteLossError, OptionError
 from matta.losses import LossOptions, NumpyOps, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
 from matta.specs import Spec
@@ -98,13 +98,26 @@ class NumpyBackend(Backend):
             weight_decay: float = 0.0, **kwargs: Any) -> None:
         if optimizer not in (None, "sgd") or kwargs:
             raise OptionError(f"the numpy backend trains with optimizer=None or 'sgd' only; got {optimizer!r}, {sorted(kwargs)}")
-        for batch in run.batches():
-            loss, grads = self.loss_and_gradients(model, batch.x, batch.targets, batch.plan, run.options)
-            run.record(batch.step, loss, None, batch.plan.distill)
-            run.check_gradients(batch.step, all(np.all(np.isfinite(g)) for g in grads.values()))
-            rate = learning_rate * run.learning_rate_scale(batch.step)  # rule T6
-            for k, g in grads.items():
-                model.weights[k] -= rate * (g + weight_decay * model.weights[k])
+        self.set_optimizer_state(model, run.optimizer_state or {})
+        before, pending = None, False  # rule T4: the weights before the last (or the unfinished) update
+        try:
+            for batch in run.batches():
+                loss, grads = self.loss_and_gradients(model, batch.x, batch.targets, batch.plan, run.options)
+                run.record(batch.step, loss, None, batch.plan.distill)
+                run.check_gradients(batch.step, all(np.all(np.isfinite(g)) for g in grads.values()))
+                before, pending = {k: v.copy() for k, v in model.weights.items()}, True
+                rate = learning_rate * run.learning_rate_scale(batch.step)  # rule T6
+                for k, g in grads.items():
+                    model.weights[k] -= rate * (g + weight_decay * model.weights[k])
+                pending = False
+                run.applied(batch.step)
+        except BaseException as exc:
+            # An error inside an update leaves the step before it; a non-finite step undoes the last update.
+            if before is not None and (pending or isinstance(exc, NonFiniteLossError)):
+                model.weights.update(before)
+                if not pending:
+                    run.undone()
+            raise
 
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> NumpyModel:
         _cpu_only(device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from matta.backend import FRAMEWORK_PACKAGES, Backend
-from matta.errors import OptionError
+from matta.errors import BackendError, NonFiniteLossError, OptionError
 from matta.losses import LossOptions, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
@@ -188,8 +188,11 @@ class TorchBackend(Backend):
         if kwargs:
             raise OptionError(f"unknown fit option(s) for the torch backend: {sorted(kwargs)}")
         opt = self._optimizer(model, optimizer, learning_rate, weight_decay)
+        if run.optimizer_state is not None:
+            self.set_optimizer_state(model, run.optimizer_state)
         # Rule T6 scales every parameter group's own rate; the rates are put back after the run.
         base_rates = [group["lr"] for group in opt.param_groups]
+        undo = _Undo(model, opt)
         model.train()
         try:
             for batch in run.batches():
@@ -206,11 +209,50 @@ class TorchBackend(Backend):
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 # One fused (foreach) norm and one host sync per step: cheap next to the backward pass.
                 run.check_gradients(batch.step, bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
+                undo.before_update()
                 opt.step()
+                undo.after_update()
+                run.applied(batch.step)
+        except BaseException as exc:
+            undo.on_error(run, exc)
+            raise
         finally:
             for group, rate in zip(opt.param_groups, base_rates):
                 group["lr"] = rate
             model.eval()
+
+    # -------------------------------------------------------------- optimizer state (rule T7)
+    def get_optimizer_state(self, model: nn.Module) -> dict[str, np.ndarray]:
+        """``state/<parameter index>/<key>`` for each tensor of ``optimizer.state_dict()``, ``number/…`` for each number."""
+        cached = getattr(model, "_matta_optimizer", None)
+        if cached is None:
+            return {}
+        out = {}
+        for index, entries in cached[1].state_dict()["state"].items():
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"state/{index}/{key}"] = value.detach().cpu().numpy().copy()
+                else:
+                    out[f"number/{index}/{key}"] = np.asarray(value)
+        return out
+
+    def set_optimizer_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+        """Loads :meth:`get_optimizer_state`'s tensors into the optimizer ``fit`` made; the parameter groups stay its own."""
+        cached = getattr(model, "_matta_optimizer", None)
+        if cached is None:
+            raise BackendError("the torch model has no optimizer yet: set_optimizer_state runs inside fit()")
+        opt = cached[1]
+        entries: dict[int, dict[str, Any]] = {}
+        for name, value in state.items():
+            kind, index, key = (name.split("/", 2) + ["", ""])[:3]
+            if kind not in ("state", "number") or not index.isdigit() or not key:
+                raise BackendError(f"optimizer state names must be state/<index>/<key> or number/<index>/<key>; got {name!r}")
+            entries.setdefault(int(index), {})[key] = torch.from_numpy(np.array(value)) if kind == "state" else value.item()
+        current = opt.state_dict()
+        try:
+            opt.load_state_dict({"state": entries, "param_groups": current["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise BackendError(f"the optimizer state does not fit this optimizer: {exc}") from exc
 
     # -------------------------------------------------------------- plain models
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> nn.Module:
@@ -261,6 +303,43 @@ class TorchBackend(Backend):
 
     def model_packages(self) -> tuple[str, ...]:
         return FRAMEWORK_PACKAGES["torch"]
+
+
+class _Undo:
+    """Rule T4: a copy of the weights and optimizer state from before the last update, put back when a step fails.
+
+    Costs one copy of the parameters and of the optimizer state on the model's device.
+    """
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer):
+        self.params = list(model.parameters())
+        self.opt = opt
+        self.saved: Optional[tuple[list[torch.Tensor], dict]] = None
+        self.pending = False  # inside an update: an error there leaves the step before it
+
+    def before_update(self) -> None:
+        with torch.no_grad():
+            state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.opt.state[p].items()}
+                     for p in self.params if p in self.opt.state}
+            self.saved = ([p.detach().clone() for p in self.params], state)
+        self.pending = True
+
+    def after_update(self) -> None:
+        self.pending = False
+
+    def on_error(self, run: TrainingRun, exc: BaseException) -> None:
+        """Puts back the copy after a failed update, or (non-finite step) undoes the last update."""
+        if self.saved is None or not (self.pending or isinstance(exc, NonFiniteLossError)):
+            return
+        weights, state = self.saved
+        with torch.no_grad():
+            for p, w in zip(self.params, weights):
+                p.copy_(w)
+        self.opt.state.clear()
+        self.opt.state.update(state)
+        if not self.pending:
+            run.undone()
+        self.saved, self.pending = None, False
 
 
 def _attach_spec(module: nn.Module, spec: Spec) -> None:
