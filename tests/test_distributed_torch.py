@@ -245,3 +245,20 @@ def test_auto_outside_a_launch_trains_in_this_process():
         runs.append(model.weights)
     for k in runs[0]:
         np.testing.assert_array_equal(runs[0][k], runs[1][k])
+
+
+@pytest.mark.subprocess
+def test_torchrun_demo_writes_one_report_from_rank_0(tmp_path):
+    """``torchrun --nproc_per_node=2 -m matta demo`` trains on both ranks; rank 0 alone prints and writes."""
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "matta", "demo",
+         "--tasks", "text", "--smoke", "--no-cache", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.count("matta demo —") == 1 and result.stdout.count("report: ") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "text" in json.dumps(metrics) and (out / "pareto.png").is_file()
+    assert sorted(p.name for p in (out / "students" / "text").iterdir()) == ["M", "S"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]

@@ -110,7 +110,7 @@ class Group:
         """The module the step runs: DDP over ``model``, or an FSDP2-sharded copy of it."""
         terms = _Terms(model)
         if self.strategy == "ddp":
-            self.wrapped = nn.parallel.DistributedDataParallel(terms, broadcast_buffers=False)
+            self.wrapped = nn.parallel.DistributedDataParallel(terms)
         else:
             from torch.distributed.fsdp import fully_shard
 

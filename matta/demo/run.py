@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from matta.demo import data as data_mod
-from matta.demo.config import TaskConfig
+from matta.demo.config import TaskConfig, writes_files
 from matta.demo.teachers import BatchMemo, get_teacher, spec_of
 
 __all__ = ["limit_threads", "mixnmatch_chain", "evaluate_extracted", "run_task", "run_study"]
@@ -186,7 +186,7 @@ def run_task(
         for name, fraction in cfg.students.items():
             extracted = model.extract(name)
             add(name, "matta_student", seed, evaluate_extracted(extracted, ds, cfg.latency_repeats), fraction)
-            if out_dir and seed == seeds[0]:
+            if out_dir and seed == seeds[0] and writes_files():
                 folder = os.path.join(out_dir, "students", cfg.task, name)
                 if cfg.export_native:
                     extracted.save(folder)
