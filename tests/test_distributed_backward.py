@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from matta import MLP, MatTA, Transformer
-from matta.losses import LossOptions, Schedule
-from matta.backends.torch import OPS, backend
+from matta.backends.torch import backend
+from matta.backends.torch.modules import torch_name
 
 SPECS = {
     "mlp": MLP(d_in=12, hidden=[32, 24], d_out=5, multiple_of=4),
@@ -53,8 +53,6 @@ def test_term_by_term_gradients_equal_one_backward(family, parent, sampling):
     for name in parts_one:
         np.testing.assert_allclose(float(parts[name]), float(parts_one[name]), rtol=1e-12, err_msg=name)
     params = dict(model.model.named_parameters())
-    from matta.backends.torch.modules import torch_name
-
     for name, want in grads_one.items():
         key, transposed = torch_name(name)
         got = params[key].grad

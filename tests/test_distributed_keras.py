@@ -112,3 +112,21 @@ def test_a_batch_the_devices_cannot_share_is_an_option_error(results):
     """Refused before any framework call, naming the field; so is a kernel the model axis cannot split."""
     assert "batch_size must be divisible by the 2 devices of the mesh axis 'batch'; got 3" in results["refused"]
     assert "blocks.0.ffn.up.kernel has 33 on its sharded axis" in results["indivisible"]
+
+
+def test_a_distribution_on_an_engine_without_one_is_a_matta_error():
+    """On TensorFlow and torch a set distribution is refused at build, naming the engine and what to use."""
+    keras = pytest.importorskip("keras")
+    from matta import MLP, MatTA
+    from matta.errors import OptionError
+
+    engine = keras.backend.backend()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=["cpu:0"]))
+    try:
+        if engine == "jax":  # one device: trains as without a distribution
+            MatTA(MLP(d_in=4, hidden=[8], d_out=2), backend="keras")
+        else:
+            with pytest.raises(OptionError, match=f"KERAS_BACKEND=jax only; this process runs '{engine}'"):
+                MatTA(MLP(d_in=4, hidden=[8], d_out=2), backend="keras")
+    finally:
+        keras.distribution.set_distribution(None)
