@@ -33,7 +33,7 @@ from matta.losses import LossOptions, StepPlan, Targets
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
 from matta.training import TrainingRun
-from matta.backends.keras import engine
+from matta.backends.keras import distribution, engine
 from matta.backends.keras.learning_rate import RunLearningRate
 from matta.backends.keras.models import NestedModel, assign, assign_plain, plain_model, plain_variables
 from matta.backends.keras.training import KerasOps, Trainer, fit, make_optimizer, step_loss
@@ -85,6 +85,7 @@ class KerasBackend(Backend):
     def build(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> NestedModel:
         dtype = _dtype_of(weights)
         engine.check_dtype(spec, dtype)
+        distribution.check(spec)  # a keras.distribution lays out the variables built here (JAX only)
         with _device_scope(device):
             model = NestedModel(spec, dtype)
         self.set_weights(model, weights)
@@ -141,6 +142,7 @@ class KerasBackend(Backend):
                 "learning_rate_schedule / warmup_steps need the default optimizer on Keras (optimizer=None); "
                 "give your own Keras optimizer a keras.optimizers.schedules.LearningRateSchedule instead"
             )
+        distribution.check(model.spec, run.batch_size)
         cached = _TRAINERS.get(model)
         if cached is not None and cached[0] is optimizer:
             trainer, opt = cached[1], cached[2]

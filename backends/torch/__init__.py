@@ -21,6 +21,8 @@ from matta.losses import LossOptions, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
 from matta.training import TrainingRun
+from matta.backends.torch.distributed import local_device
+from matta.backends.torch.distributed import setup as distributed_setup
 from matta.backends.torch.modules import nested_module, plain_module, torch_name
 
 __all__ = ["TorchBackend", "TorchOps", "backend"]
@@ -58,7 +60,8 @@ OPS = TorchOps()
 
 def _device(device: Optional[str]) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Under a launcher each process takes its own GPU.
+        return torch.device(local_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -183,32 +186,82 @@ class TorchBackend(Backend):
         model._matta_optimizer = (optimizer, opt)  # keeps optimizer state across fit() calls
         return opt
 
+    def backward(self, model: nn.Module, x: torch.Tensor, targets: Targets[torch.Tensor], plan: StepPlan,
+                 options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step's loss and its gradients in ``.grad``, one term's graph alive at a time.
+
+        With stop-gradient on (rule L4), a term's loss reaches the parameters only through
+        its own output: the parents enter as constants. So each term runs forward and
+        backward on its own (largest first, rule T1, so every parent's output is ready) and
+        its activations are freed before the next term's forward. The gradients are the sum
+        of the terms', the one-backward step's up to float rounding. With stop-gradient off a
+        parent's graph is needed by its children, and the step is one backward.
+
+        Returns:
+            ``(loss, parts)``, detached.
+        """
+        if not options.stop_gradient:
+            loss, parts = self._loss(model, x, targets, plan, options)
+            loss.backward()
+            return loss.detach(), {k: v.detach() for k, v in parts.items()}
+        parents = {t.parent for t in plan.terms if t.parent is not None}
+        constants: dict[str, torch.Tensor] = {}
+        total, parts = None, {}
+        for term in plan.terms:
+            z = model(x, term.granularity)
+            outputs = {term.name: z}
+            if term.parent is not None:
+                outputs[term.parent] = constants[term.parent]
+            value, _ = composite_loss(OPS, outputs, targets, StepPlan(plan.step, (term,), plan.distill), options)
+            value.backward()
+            if term.name in parents:
+                constants[term.name] = z.detach()
+            parts[term.name] = value.detach()
+            total = parts[term.name] if total is None else total + parts[term.name]
+        return total, parts
+
     def fit(self, model: nn.Module, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
-            weight_decay: float = 0.0, **kwargs: Any) -> None:
+            weight_decay: float = 0.0, distributed: Optional[str] = "auto", **kwargs: Any) -> None:
+        """Trains ``model`` on ``run``; ``distributed`` is ``"auto"``, ``"ddp"``, ``"fsdp"`` or ``None``.
+
+        See :mod:`matta.backends.torch.distributed` for what training over several processes does.
+        """
         if kwargs:
             raise OptionError(f"unknown fit option(s) for the torch backend: {sorted(kwargs)}")
-        opt = self._optimizer(model, optimizer, learning_rate, weight_decay)
+        group = distributed_setup(distributed, _model_device(model))
+        if group is not None:
+            group.check_batches(run)
+            run.progress = run.progress and group.primary
+            group.wrap(model)
+        opt = self._optimizer(model if group is None or group.strategy == "ddp" else group.wrapped, optimizer,
+                              learning_rate, weight_decay)
         if run.optimizer_state is not None:
             self.set_optimizer_state(model, run.optimizer_state)
         # Rule T6 scales every parameter group's own rate; the rates are put back after the run.
-        base_rates = [group["lr"] for group in opt.param_groups]
+        base_rates = [param_group["lr"] for param_group in opt.param_groups]
+        params = list(model.parameters()) if group is None else group.parameters()
         undo = _Undo(model, opt)
         model.train()
         try:
             for batch in run.batches():
                 if run.schedules_learning_rate:
                     scale = run.learning_rate_scale(batch.step)
-                    for group, rate in zip(opt.param_groups, base_rates):
-                        group["lr"] = rate * scale
-                x = self._input(model, batch.x)
-                loss, parts = self._loss(model, x, self._targets(model, batch.targets), batch.plan, run.options)
+                    for param_group, rate in zip(opt.param_groups, base_rates):
+                        param_group["lr"] = rate * scale
+                opt.zero_grad(set_to_none=True)
+                if group is None:
+                    x, targets = self._input(model, batch.x), self._targets(model, batch.targets)
+                    loss, parts = self.backward(model, x, targets, batch.plan, run.options)
+                else:
+                    loss, parts = self._distributed_step(model, group, batch, run.options)
                 # Rule T4: check before the update, so a NaN leaves the last good weights.
                 run.record(batch.step, loss.item(), {k: v.item() for k, v in parts.items()}, batch.plan.distill)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grads = [p.grad for p in params if p.grad is not None]
                 # One fused (foreach) norm and one host sync per step: cheap next to the backward pass.
-                run.check_gradients(batch.step, bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))))
+                finite = bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+                if group is not None:
+                    finite = group.all_finite(finite, _model_device(model))
+                run.check_gradients(batch.step, finite)
                 undo.before_update()
                 opt.step()
                 undo.after_update()
@@ -217,8 +270,13 @@ class TorchBackend(Backend):
             undo.on_error(run, exc)
             raise
         finally:
-            for group, rate in zip(opt.param_groups, base_rates):
-                group["lr"] = rate
+            for param_group, rate in zip(opt.param_groups, base_rates):
+                param_group["lr"] = rate
+            if group is not None:
+                group.finish()
+                if not group.primary:
+                    run.history.clear()
+                    run.epoch_logs.clear()
             model.eval()
 
     # -------------------------------------------------------------- optimizer state (rule T7)
@@ -253,6 +311,23 @@ class TorchBackend(Backend):
             opt.load_state_dict({"state": entries, "param_groups": current["param_groups"]})
         except (ValueError, KeyError, RuntimeError) as exc:
             raise BackendError(f"the optimizer state does not fit this optimizer: {exc}") from exc
+
+    def _distributed_step(self, model: nn.Module, group: Any, batch: Any,
+                          options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's share of one step, one backward (the framework averages the gradients).
+
+        Returns the global batch's loss and parts (all-reduced), so every rank's guard sees the same value.
+        """
+        batch, weight = group.shard(batch)
+        targets = self._targets(model, batch.targets)
+        terms = batch.plan.terms
+        outputs = dict(zip((t.name for t in terms), group.outputs(self._input(model, batch.x),
+                                                                  [t.granularity for t in terms])))
+        loss, parts = composite_loss(OPS, outputs, targets, batch.plan, options)
+        (loss * weight if weight != 1 else loss).backward()
+        names = list(parts)
+        reduced = group.mean(torch.stack([loss.detach(), *(parts[k].detach() for k in names)]) * weight)
+        return reduced[0], dict(zip(names, reduced[1:]))
 
     # -------------------------------------------------------------- plain models
     def build_plain(self, spec: Spec, weights: Mapping[str, np.ndarray], *, device: Optional[str] = None) -> nn.Module:

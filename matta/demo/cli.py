@@ -41,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
     from matta.demo.teachers import default_cache_dir
     from matta.errors import OptionError
 
-    console = Console()
+    from matta.demo.config import writes_files
+
+    quiet = not writes_files()  # under torchrun, rank 0 alone prints
+    console = Console(quiet=quiet)
     if not console.is_terminal:
-        console = Console(width=120)  # a log file or pipe: wide enough that the table does not wrap
+        console = Console(width=120, quiet=quiet)  # a log file or pipe: wide enough that the table does not wrap
     mode = "full" if args.full else "smoke" if args.smoke else "default"
     n_seeds = args.seeds if args.seeds is not None else (3 if args.full else 1)
     if n_seeds < 1 or args.seed < 0:
@@ -71,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         "wall_seconds": wall, "matta_version": matta.__version__, "python": platform.python_version(),
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "cache": cache,
     }
+    if quiet:
+        return 0
     os.makedirs(args.out, exist_ok=True)
     report.write_metrics(os.path.join(args.out, "metrics.json"), results, run_info)
     report.plot_pareto(os.path.join(args.out, "pareto.png"), results)

@@ -7,6 +7,7 @@ dataclass as JSON) plus the seed reproduces it.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -144,3 +145,11 @@ def task_configs(mode: str, tasks: Optional[list[str]] = None, steps: Optional[i
             cfg = dataclasses.replace(cfg, steps=int(steps))
         out.append(cfg)
     return out
+
+
+def writes_files() -> bool:
+    """Whether this process writes the demo's files: rank 0 of a ``torchrun`` launch, or the only process.
+
+    Every rank of a launch runs the whole demo (its training steps are collective); one report is written.
+    """
+    return os.environ.get("RANK", "0") == "0"

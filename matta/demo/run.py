@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from matta.demo import data as data_mod
-from matta.demo.config import TaskConfig
+from matta.demo.config import TaskConfig, writes_files
 from matta.demo.teachers import BatchMemo, get_teacher, spec_of
 
 __all__ = ["limit_threads", "mixnmatch_chain", "evaluate_extracted", "time_models", "budget_choices", "run_task",
@@ -184,7 +184,7 @@ def run_task(
         for name, fraction in cfg.students.items():
             extracted = model.extract(name)
             seed_models[name] = ("matta_student", extracted, evaluate_extracted(extracted, *held_out), fraction)
-            if out_dir and seed == seeds[0]:
+            if out_dir and seed == seeds[0] and writes_files():
                 _export(extracted, os.path.join(out_dir, "students", cfg.task, name), cfg.export_native)
         extracted = model.extract()
         seed_models["TA"] = ("ta", extracted, {**evaluate_extracted(extracted, *held_out),

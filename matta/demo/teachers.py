@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from matta import saving
-from matta.demo.config import TaskConfig
+from matta.demo.config import TaskConfig, writes_files
 from matta.demo.data import Dataset, fingerprint
 from matta.errors import FormatError
 
@@ -110,7 +110,7 @@ def get_teacher(
     teacher = model.extract()
     meta = {"key": key, "recipe": RECIPE, "task": cfg.task, "backend": backend, "seed": seed,
             "train_seconds": time.perf_counter() - start}
-    if path:
+    if path and writes_files():
         # One atomic save (rule E6): an interrupted run never leaves a half Teacher, and a damaged one is replaced.
         with saving.atomic_save(path, kind=saving.FORMAT, overwrite=True) as folder:
             saving.write_extracted(folder, teacher.spec, teacher.weights, {"teacher": meta})
