@@ -245,8 +245,8 @@ def export(
         ``path`` as a string.
 
     Raises:
-        The errors of :func:`build_model`, InputTypeError when ``path`` is not a path, and
-        SaveError when writing fails (e.g. a full disk); the old file is then unchanged.
+        InputTypeError: ``path`` is not a path (and the errors of :func:`build_model`).
+        SaveError: writing failed (e.g. a full disk); the old file is then unchanged.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise InputTypeError(f"path must be a str or os.PathLike; got {type(path).__name__}")

@@ -90,7 +90,7 @@ class _PrefixReads(torch.autograd.Function):
         return (total, *(None for _ in ctx.indices))
 
 
-def prefix_reads(value, indices: Sequence[Optional[tuple]]) -> tuple:
+def prefix_reads(value: torch.Tensor, indices: Sequence[Optional[tuple]]) -> tuple:
     """``value[index]`` for each index (``None``: all of it) as one autograd node.
 
     The values are the same views plain indexing gives, so a forward pass is unchanged. The
