@@ -125,7 +125,7 @@ class _Graph:
         """Rule S3: LayerNorm over the last axis with the (sliced) scale and offset.
 
         ``stash_type`` stays at its default (float): the opset allows no other for the statistics,
-        and runtimes compute a float64 input's statistics in float64 (onnxruntime does; tested).
+        so a float64 graph's LayerNorm may round like float32 (the tests bound it; docs/onnx.md).
         """
         return self.op("LayerNormalization", [x, f"{prefix}.scale", f"{prefix}.offset"], prefix, axis=-1, epsilon=float(epsilon))
 
