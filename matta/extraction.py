@@ -2,7 +2,10 @@
 
 Extraction works on numpy weights only and returns *copies* of exactly the
 sliced parameters (never a copy of the whole TA, never a view into it), so a
-Student can be saved or served while the TA is freed.
+Student can be saved or served while the TA is freed. A TA mapped from a file
+(:func:`matta.hf.read_gpt2`) has each tensor's pages handed back once its last
+slice is copied, so extracting holds the Student plus one TA tensor, not the
+TA's pages that the slices touched.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 
 from matta.nesting import GranularityLike, plan, resolve
 from matta.specs import Spec
-from matta.weights import check_weights
+from matta.weights import check_weights, file_mapping, release_pages
 
 __all__ = ["extract"]
 
@@ -40,4 +43,13 @@ def extract(
     weights = check_weights(spec, weights)
     g = resolve(spec, granularity)
     p = plan(spec, g)
-    return p.spec, p.read(weights, lambda w, r: np.array(w[r.slices], copy=True, order="C"))
+    maps = {r.name: file_mapping(weights[r.source]) for r in p.reads}
+    last = {id(m): r.name for r in p.reads if (m := maps[r.name]) is not None}  # q, k and v share c_attn's map
+
+    def take(w: np.ndarray, r) -> np.ndarray:
+        out = np.array(w[r.slices], copy=True, order="C")
+        if last.get(id(maps[r.name])) == r.name:
+            release_pages(maps[r.name])
+        return out
+
+    return p.spec, p.read(weights, take)

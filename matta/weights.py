@@ -8,14 +8,16 @@ from it; the reference forward, extraction and the saved format use it as is.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import mmap
+import sys
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from matta.errors import InputError, InputTypeError, choice
 from matta.specs import MLP, Spec
 
-__all__ = ["DTYPES", "check_dtype", "check_weights", "initial_weights"]
+__all__ = ["DTYPES", "check_dtype", "check_weights", "initial_weights", "file_mapping", "release_pages"]
 
 #: Floating dtypes every backend supports.
 DTYPES = ("float32", "float64")
@@ -25,6 +27,34 @@ def check_dtype(dtype: Any) -> str:
     """Returns the dtype's name if it is one of :data:`DTYPES`, else raises."""
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     return choice("dtype", name, DTYPES, InputTypeError)
+
+
+#: ``madvise`` advice that reclaims a range's clean pages and keeps its content (Linux 5.4+);
+#: Python names it only when built against headers that have it.
+_MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21 if sys.platform.startswith("linux") else None)
+
+
+def file_mapping(array: np.ndarray) -> Optional[mmap.mmap]:
+    """The memory map of a file that ``array`` views (e.g. a tensor of :func:`matta.hf.read_gpt2`), or None."""
+    base: Any = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
+
+
+def release_pages(mapping: mmap.mmap) -> None:
+    """Hands the clean pages of a file mapping back to the OS; they load again when read.
+
+    Pages written through a copy-on-write map keep their values (``MADV_PAGEOUT`` never
+    discards content, unlike ``MADV_DONTNEED``). Where the OS cannot (another system, an old
+    kernel, a file this process may not write), nothing happens: it only lowers peak memory.
+    """
+    if _MADV_PAGEOUT is None or mapping.closed:
+        return
+    try:
+        mapping.madvise(_MADV_PAGEOUT)
+    except (OSError, ValueError):
+        pass
 
 
 def check_weights(spec: Spec, weights: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -450,3 +450,31 @@ def test_matta_hf_imports_neither_transformers_nor_a_framework():
             "('transformers', 'torch', 'tensorflow', 'keras', 'jax'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", out.stdout
+
+
+def _resident_file_bytes() -> int:
+    """This process's resident pages that map files (``RssFile`` of ``/proc/self/status``)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile and MADV_PAGEOUT are Linux's")
+def test_extract_hands_back_the_pages_of_a_mapped_checkpoint(tmp_path):
+    # A checkpoint of ~50 MB whose Student is a quarter of d_ff: extraction touches all of the
+    # embeddings and attention and a page of every c_fc row; none of it stays resident after.
+    spec = Transformer(vocab_size=2048, d_model=256, n_heads=4, n_layers=4, d_ff=4096, max_len=64, tie_embeddings=True)
+    write_gpt2(spec, initial_weights(spec, seed=0), tmp_path / "ta")
+    _, weights = read_gpt2(tmp_path / "ta")
+    before = _resident_file_bytes()
+    weights["blocks.0.ffn.up.kernel"][0, 0] = 7.0  # a copy-on-write page: its value must survive
+    original = np.array(weights["blocks.1.ffn.up.kernel"][:, :5])
+    sub, student = extract(weights, spec, {"d_ff": 0.25})
+    mapped = os.path.getsize(tmp_path / "ta" / WEIGHTS_FILE)
+    assert _resident_file_bytes() - before < 0.05 * mapped
+    # The TA reads the same values afterwards (its pages load again) and the Student has copies.
+    assert weights["blocks.0.ffn.up.kernel"][0, 0] == 7.0 == student["blocks.0.ffn.up.kernel"][0, 0]
+    np.testing.assert_array_equal(weights["blocks.1.ffn.up.kernel"][:, :5], original)
+    np.testing.assert_array_equal(student["blocks.1.ffn.up.kernel"][:, :5], original)
+    assert sub.num_params == sum(a.size for a in student.values())
