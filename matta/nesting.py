@@ -384,11 +384,14 @@ class Plan:
         spec: the sub-network's spec (:func:`sub_spec`): every size a forward pass needs.
         granularity: the resolved granularity the plan is for.
         reads: one :class:`Read` per parameter of :attr:`spec`, in ``spec.parameters()`` order.
+        blocks: the full model's block that each of the sub-network's blocks reads (rule D2:
+            sub-network block ``i`` is block ``blocks[i]``); empty for the MLP.
     """
 
     spec: Spec
     granularity: Granularity
     reads: tuple[Read, ...]
+    blocks: tuple[int, ...] = ()
 
     def read(self, weights: Mapping[str, W], take: Callable[[W, Read], W]) -> dict[str, W]:
         """``{sub-network name: take(weights[source], read)}`` for every read.
@@ -424,7 +427,7 @@ def plan(spec: Spec, g: Granularity) -> Plan:
         reads.append(Read(sub_name, name, slices, shape, shape == param.shape))
     sub = sub_spec(spec, g)
     assert [r.name for r in reads] == list(sub.parameters()), "a plan reads exactly the sub-network's parameters"
-    return Plan(sub, g, tuple(reads))
+    return Plan(sub, g, tuple(reads), tuple(g.blocks))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The torch step's term-by-term backward: the one-backward step's loss and gradients, one term's graph at a time.
 
-With stop-gradient on (rule L4) the torch ``fit`` backpropagates each term on its own, so a
+With stop-gradient on (rule L3) the torch ``fit`` backpropagates each term on its own, so a
 Transformer step holds one term's activations, not all of them (the memory that data-parallel
 and sharded training save per process is then the TA's own; see ``docs/scaling.md``).
 """

@@ -52,6 +52,12 @@ WORKER = textwrap.dedent('''
         init(self, *args, **kwargs)
         built.append(bool(self.find_unused_parameters))
     torch.nn.parallel.DistributedDataParallel.__init__ = spy
+    import torch.distributed.fsdp as fsdp
+    units, shard = [], fsdp.fully_shard
+    def spy_shard(module, *args, **kwargs):  # the FSDP units, in the order they are made
+        units.append(type(module).__name__)
+        return shard(module, *args, **kwargs)
+    fsdp.fully_shard = spy_shard
 
     def save(name, model, history):
         np.savez(os.path.join(out, f"{name}-{rank}.npz"), **model.weights)
@@ -59,6 +65,7 @@ WORKER = textwrap.dedent('''
             json.dump(history, f)
 
     for name, (family, strategy, sampling) in CASES.items():
+        del units[:]
         model, x, y, teacher = make(family, sampling)
         seen, forward_many = set(), model.model.forward_many
         def counted(inputs, granularities):
@@ -69,6 +76,9 @@ WORKER = textwrap.dedent('''
         history = model.fit(x, y, steps=STEPS, batch_size=BATCH, teacher=teacher, progress=False,
                             distributed=strategy)
         save(name, model, history)
+        if strategy == "fsdp":
+            with open(os.path.join(out, f"{name}-units-{rank}.json"), "w") as f:
+                json.dump(units, f)
         if name == "mlp-ddp-all":
             student = model.extract("S")
             exact = bool(np.array_equal(student.predict(x), model.predict(x, "S")))
@@ -182,6 +192,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(launched, case)
     np.testing.assert_allclose([s["loss"] for s in logged["steps"]], [s["loss"] for s in history["steps"]],
                                rtol=1e-5)
     assert json.loads((launched / f"{case}-1.json").read_text()) == {"steps": [], "epochs": []}
+
+
+@pytest.mark.subprocess
+def test_fsdp_shards_each_transformer_block_as_its_own_unit(launched):
+    """FSDP2 units: one per Transformer block, then the root (embeddings, norms, head); an MLP is one unit."""
+    for r in (0, 1):
+        assert json.loads((launched / f"tf-fsdp-mix-units-{r}.json").read_text()) == ["Block"] * 2 + ["_Terms"]
+        assert json.loads((launched / f"mlp-fsdp-all-units-{r}.json").read_text()) == ["_Terms"]
 
 
 @pytest.mark.subprocess

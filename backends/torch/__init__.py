@@ -190,7 +190,7 @@ class TorchBackend(Backend):
                  options: LossOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's loss and its gradients in ``.grad``, one term's graph alive at a time.
 
-        With stop-gradient on (rule L4), a term's loss reaches the parameters only through
+        With stop-gradient on (rule L3), a term's loss reaches the parameters only through
         its own output: the parents enter as constants. So each term runs forward and
         backward on its own (largest first, rule T1, so every parent's output is ready) and
         its activations are freed before the next term's forward. The gradients are the sum

@@ -10,10 +10,11 @@ averages the gradients, so N processes follow the optimisation of one.
 
 * ``"ddp"``: ``DistributedDataParallel``, without ``find_unused_parameters``:
   every step plan holds the TA term, which reads every parameter.
-* ``"fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``) over the whole
-  nested model: parameters, gradients and optimizer state are sharded at rest
-  and gathered for the step. The blocks are parameter holders run by one
-  functional forward (not called as modules), so there is one FSDP unit.
+* ``"fsdp"``: FSDP2 (``torch.distributed.fsdp.fully_shard``): each Transformer
+  block is its own unit and the rest of the model (embeddings, final norm,
+  head; an MLP's layers) the root's, so parameters, gradients and optimizer
+  state are sharded at rest and a block's parameters are gathered only while
+  that block runs (the nested forward calls each block's module).
 
 Rank 0 alone shows progress and keeps the history; every rank ends with the
 same weights. The non-finite guard (rule T4) sees the all-reduced loss and an
@@ -115,7 +116,10 @@ class Group:
             from torch.distributed.fsdp import fully_shard
 
             self._source = model
-            self.wrapped = fully_shard(_Terms(copy.deepcopy(model)))
+            sharded = copy.deepcopy(model)
+            for block in getattr(sharded, "blocks", ()):  # a Transformer's blocks, one unit each
+                fully_shard(block)
+            self.wrapped = fully_shard(_Terms(sharded))
         return self.wrapped
 
     def outputs(self, x: torch.Tensor, granularities: Sequence[Granularity]) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ copy.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,8 @@ from matta.specs import MLP, Transformer
 __all__ = ["mlp", "transformer", "activation", "causal_attention"]
 
 Weights = Mapping[str, torch.Tensor]
+#: How the transformer runs its block ``i`` on ``h``: ``call(i, run, h)`` returns ``run(h)``.
+BlockCall = Callable[[int, Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +93,7 @@ def block(spec: Transformer, weights: Weights, i: int, h: torch.Tensor) -> torch
     return h + dense(weights, f"{p}.ffn.down", activation("gelu", dense(weights, f"{p}.ffn.up", a)))
 
 
-def transformer(spec: Transformer, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+def transformer(spec: Transformer, weights: Weights, x: torch.Tensor, call: Optional[BlockCall] = None) -> torch.Tensor:
     """The GPT-2-style decoder ``spec``.
 
     Args:
@@ -101,13 +103,16 @@ def transformer(spec: Transformer, weights: Weights, x: torch.Tensor) -> torch.T
             spec has no ``head.kernel``: its head is ``embed.tokens`` (rule P3), which torch
             already stores ``(vocab, d_model)``.
         x: token ids ``(batch, time)`` with ``time <= spec.max_len``.
+        call: runs each block; the nested module calls the block's own module with it, so
+            hooks on that module (FSDP2's per-block unshard) run around the block. ``weights``
+            is then read inside the call.
 
     Returns:
         Logits ``(batch, time, vocab_size)``.
     """
     h = F.embedding(x, weights["embed.tokens"]) + weights["embed.positions"][: x.shape[1]]  # (B, T, d_model)
     for i in range(spec.n_layers):
-        h = block(spec, weights, i, h)
+        h = block(spec, weights, i, h) if call is None else call(i, lambda a, i=i: block(spec, weights, i, a), h)
     h = layer_norm(spec, weights, "final_norm", h)
     head = weights["embed.tokens"] if spec.tie_embeddings else weights["head.kernel"]  # rule P3
     return F.linear(h, head)  # (B, T, vocab): the head has no bias

@@ -11,13 +11,13 @@ That is why an extracted Student equals the nested sub-network bit for bit.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from matta.backends.torch import functional
-from matta.nesting import Granularity, Read, plan, shared_first_layer
+from matta.nesting import Granularity, Plan, Read, plan, shared_first_layer
 from matta.specs import MLP, Spec, Transformer
 
 
@@ -66,6 +66,29 @@ class _SpecModule(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         """``{spec parameter name: parameter}`` in torch layout (kernels ``(out, in)``), no copies."""
         return {name: getattr(module, attr) for name, module, attr in self._slots}
+
+
+class _Reads(Mapping[str, torch.Tensor]):
+    """The weights a plan reads (rule S1), each read when the forward asks for it.
+
+    Reading at use, not up front, makes a block's reads see the parameters its module holds
+    while it runs: FSDP2 gathers a sharded block's parameters only around the block's call.
+    """
+
+    def __init__(self, module: _SpecModule, p: Plan):
+        self._slots = {name: (owner, attr) for name, owner, attr in module._slots}
+        self._reads = {r.name: r for r in p.reads}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        r = self._reads[name]
+        owner, attr = self._slots[r.source]
+        return take(getattr(owner, attr), r)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reads)
+
+    def __len__(self) -> int:
+        return len(self._reads)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -143,7 +166,11 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """The parameters of a pre-LayerNorm residual block (run by :func:`functional.block`)."""
+    """The parameters of a pre-LayerNorm residual block (run by :func:`functional.block`).
+
+    ``block(run, h)`` returns ``run(h)``: the nested forward calls each kept block's module,
+    so hooks registered on it (FSDP2's per-block gather and reshard) run around its work.
+    """
 
     def __init__(self, d_model: int, inner: int, d_ff: int, eps: float):
         super().__init__()
@@ -151,6 +178,9 @@ class Block(nn.Module):
         self.attention = Attention(d_model, inner)
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, d_ff)
+
+    def forward(self, run, h: torch.Tensor) -> torch.Tensor:
+        return run(h)
 
 
 class Embeddings(nn.Module):
@@ -193,7 +223,7 @@ class NestedTransformer(PlainTransformer):
         if granularity is None:
             return super().forward(x)
         p = plan(self.spec, granularity)
-        return functional.transformer(p.spec, p.read(self.weights(), take), x)
+        return functional.transformer(p.spec, _Reads(self, p), x, call=lambda i, run, h: self.blocks[p.blocks[i]](run, h))
 
     def forward_many(self, x: torch.Tensor, granularities: Sequence[Granularity]) -> list[torch.Tensor]:
         """One :meth:`forward` per granularity (the MLP's shared first layer has no counterpart worth it here).
