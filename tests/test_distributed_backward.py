@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from matta import MLP, MatTA, Transformer
+from matta.errors import OptionError
 from matta.backends.torch import backend
 from matta.backends.torch.modules import torch_name
 
@@ -110,3 +111,55 @@ def _run(model, x, y, logits):
 
     return TrainingRun(spec=model.spec, x=x, y=y, teacher=logits, options=model.options, schedule=model.schedule,
                        steps=4, batch_size=len(x), seed=0, dtype=model.dtype, progress=False)
+
+
+def _kept_for_backward(model, batch, recompute):
+    """Bytes autograd keeps for the backward pass of one step (parameters and data aside), and the gradients."""
+    targets = backend._targets(model.model, batch.targets)
+    inputs = backend._input(model.model, batch.x)
+    params = {id(p) for p in model.model.parameters()}
+    kept = []
+
+    def pack(t):
+        if id(t) not in params:
+            kept.append(t.numel() * t.element_size())
+        return t
+
+    model.model.zero_grad(set_to_none=True)
+    model.model.recompute_blocks = recompute
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.backward(model.model, inputs, targets, batch.plan, model.options)
+    model.model.recompute_blocks = False
+    return sum(kept), {k: p.grad.clone() for k, p in model.model.named_parameters()}
+
+
+def test_recomputed_blocks_keep_less_for_the_backward_and_give_the_same_gradients():
+    """``recompute_blocks``: each block keeps its input only; gradients and a fit's weights are the same bits."""
+    spec = Transformer(vocab_size=13, max_len=32, d_model=16, n_layers=3, n_heads=2, d_ff=64, multiple_of=4)
+    model = MatTA(spec, {"S": 0.25, "M": 0.5}, backend="torch", seed=2, dtype="float64", ramp="constant")
+    x, y, logits = _batch(spec)
+    batch = next(iter(_run(model, x, y, logits).batch_stream()))
+    kept, grads = _kept_for_backward(model, batch, False)
+    kept_recomputed, grads_recomputed = _kept_for_backward(model, batch, True)
+    assert kept_recomputed < 0.5 * kept, (kept_recomputed, kept)
+    for name in grads:
+        torch.testing.assert_close(grads_recomputed[name], grads[name], rtol=0, atol=0, msg=name)
+    weights = []
+    for recompute in (False, True):
+        model = MatTA(spec, {"S": 0.25, "M": 0.5}, backend="torch", seed=2, dtype="float64")
+        model.fit(x, y, steps=3, batch_size=6, teacher=logits, progress=False, recompute_blocks=recompute)
+        assert model.model.recompute_blocks is False  # the option lasts one fit
+        weights.append(model.weights)
+    for name in weights[0]:
+        np.testing.assert_array_equal(weights[0][name], weights[1][name], err_msg=name)
+
+
+def test_recompute_blocks_is_checked():
+    """A bad value names the allowed ones; an MLP, which has no blocks, refuses it."""
+    x, y, _ = _batch(SPECS["mlp"])
+    model = MatTA(SPECS["mlp"], {"S": 0.5}, backend="torch", seed=0)
+    with pytest.raises(OptionError, match="recompute_blocks=True recomputes a Transformer"):
+        model.fit(x, y, steps=1, batch_size=6, progress=False, recompute_blocks=True)
+    x, y, _ = _batch(SPECS["transformer"])
+    with pytest.raises(OptionError, match="recompute_blocks must be True or False"):
+        MatTA(SPECS["transformer"], {}, backend="torch").fit(x, y, steps=1, progress=False, recompute_blocks="yes")

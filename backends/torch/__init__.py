@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from matta.backend import FRAMEWORK_PACKAGES, Backend
-from matta.errors import BackendError, NonFiniteLossError, OptionError
+from matta.errors import BackendError, NonFiniteLossError, OptionError, choice
 from matta.losses import LossOptions, StepPlan, Targets, composite_loss
 from matta.nesting import Granularity
 from matta.specs import MLP, Spec
 from matta.training import TrainingRun
 from matta.backends.torch.distributed import local_device
 from matta.backends.torch.distributed import setup as distributed_setup
-from matta.backends.torch.modules import nested_module, plain_module, torch_name
+from matta.backends.torch.modules import NestedTransformer, nested_module, plain_module, torch_name
 
 __all__ = ["TorchBackend", "TorchOps", "backend"]
 
@@ -221,13 +221,22 @@ class TorchBackend(Backend):
         return total, parts
 
     def fit(self, model: nn.Module, run: TrainingRun, *, optimizer: Any = None, learning_rate: float = 1e-3,
-            weight_decay: float = 0.0, distributed: Optional[str] = "auto", **kwargs: Any) -> None:
+            weight_decay: float = 0.0, distributed: Optional[str] = "auto", recompute_blocks: bool = False,
+            **kwargs: Any) -> None:
         """Trains ``model`` on ``run``; ``distributed`` is ``"auto"``, ``"ddp"``, ``"fsdp"`` or ``None``.
 
         See :mod:`matta.backends.torch.distributed` for what training over several processes does.
+        ``recompute_blocks=True`` (a Transformer) keeps only each block's input for the backward
+        pass and recomputes the block there: less memory for long sequences, one more forward.
         """
         if kwargs:
             raise OptionError(f"unknown fit option(s) for the torch backend: {sorted(kwargs)}")
+        choice("recompute_blocks", recompute_blocks, (True, False), OptionError)
+        if recompute_blocks and not isinstance(model, NestedTransformer):
+            raise OptionError("recompute_blocks=True recomputes a Transformer's residual blocks; an MLP has none "
+                              "(allowed for an MLP: False)")
+        if isinstance(model, NestedTransformer):
+            model.recompute_blocks = recompute_blocks  # for this fit (and the copy FSDP shards)
         group = distributed_setup(distributed, _model_device(model))
         if group is not None:
             group.check_batches(run)
@@ -277,6 +286,8 @@ class TorchBackend(Backend):
                 if not group.primary:
                     run.history.clear()
                     run.epoch_logs.clear()
+            if isinstance(model, NestedTransformer):
+                model.recompute_blocks = False
             model.eval()
 
     # -------------------------------------------------------------- optimizer state (rule T7)

@@ -15,6 +15,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from matta.backends.torch import functional
 from matta.nesting import Granularity, Plan, Read, plan, shared_first_layer
@@ -170,6 +171,8 @@ class Block(nn.Module):
 
     ``block(run, h)`` returns ``run(h)``: the nested forward calls each kept block's module,
     so hooks registered on it (FSDP2's per-block gather and reshard) run around its work.
+    With ``recompute``, the block keeps only its input for the backward pass and runs
+    again there (activation checkpointing), inside those hooks.
     """
 
     def __init__(self, d_model: int, inner: int, d_ff: int, eps: float):
@@ -179,7 +182,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d_model, eps=eps)
         self.ffn = FeedForward(d_model, d_ff)
 
-    def forward(self, run, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, run, h: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        if recompute and torch.is_grad_enabled():
+            return checkpoint(run, h, use_reentrant=False)
         return run(h)
 
 
@@ -217,13 +222,21 @@ class PlainTransformer(_SpecModule):
 
 
 class NestedTransformer(PlainTransformer):
-    """The TA transformer; ``forward(x, granularity)`` runs the sub-network (rules S1–S4, D1–D2)."""
+    """The TA transformer; ``forward(x, granularity)`` runs the sub-network (rules S1–S4, D1–D2).
+
+    Attributes:
+        recompute_blocks: recompute each block's activations in the backward pass instead of
+            keeping them (the ``recompute_blocks`` fit option): a step then holds one block's
+            activations per term plus each block's input, for long sequences.
+    """
+
+    recompute_blocks = False
 
     def forward(self, x: torch.Tensor, granularity: Optional[Granularity] = None) -> torch.Tensor:  # type: ignore[override]
         if granularity is None:
             return super().forward(x)
         p = plan(self.spec, granularity)
-        return functional.transformer(p.spec, _Reads(self, p), x, call=lambda i, run, h: self.blocks[p.blocks[i]](run, h))
+        return functional.transformer(p.spec, _Reads(self, p), x, call=lambda i, run, h: self.blocks[p.blocks[i]](run, h, self.recompute_blocks))
 
     def forward_many(self, x: torch.Tensor, granularities: Sequence[Granularity]) -> list[torch.Tensor]:
         """One :meth:`forward` per granularity (the MLP's shared first layer has no counterpart worth it here).
