@@ -56,17 +56,22 @@ class _SpecModule(nn.Module):
 
     def _bind(self, spec: Spec) -> None:
         self.spec = spec
-        # (spec name, owning submodule, attribute): resolved at call time, so the mapping follows
+        # spec name -> (owning submodule, attribute): resolved at call time, so the mapping follows
         # parameters that ``to_empty``, ``to`` or ``load_state_dict(assign=True)`` replace.
-        slots = []
+        slots = {}
         for name in spec.parameters():
             path, attr = torch_name(name)[0].rsplit(".", 1)
-            slots.append((name, self.get_submodule(path), attr))
-        self._slots = tuple(slots)
+            slots[name] = (self.get_submodule(path), attr)
+        self._slots = slots
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The parameter of spec name ``name`` in torch layout, as the module holds it now."""
+        owner, attr = self._slots[name]
+        return getattr(owner, attr)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """``{spec parameter name: parameter}`` in torch layout (kernels ``(out, in)``), no copies."""
-        return {name: getattr(module, attr) for name, module, attr in self._slots}
+        return {name: getattr(owner, attr) for name, (owner, attr) in self._slots.items()}
 
 
 class _Reads(Mapping[str, torch.Tensor]):
@@ -77,13 +82,12 @@ class _Reads(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, module: _SpecModule, p: Plan):
-        self._slots = {name: (owner, attr) for name, owner, attr in module._slots}
+        self._module = module
         self._reads = {r.name: r for r in p.reads}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         r = self._reads[name]
-        owner, attr = self._slots[r.source]
-        return take(getattr(owner, attr), r)
+        return take(self._module.weight(r.source), r)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._reads)
