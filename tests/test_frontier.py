@@ -248,3 +248,22 @@ def test_bad_arguments_fail_before_any_work(mlp, monkeypatch):
         model.frontier(x, y, candidates=["XL"])
     with pytest.raises(OptionError, match="rounds must be an integer >= 1"):
         model.frontier(x, y, rounds=0)
+
+
+def test_the_demo_budget_choices_are_select_per_budget(mlp):
+    """The demo scores the candidates once for all its budgets; each choice is MatTA.select's."""
+    from types import SimpleNamespace
+
+    from matta.demo.data import Dataset
+    from matta.demo.run import budget_choices
+
+    model, x, y = mlp
+    ds = Dataset("digits", x, y, x, y)
+    cfg = SimpleNamespace(students=model.students)
+    rows = budget_choices(model, cfg, ds)
+    budgets = sorted({int(1.5 * model.num_params(n)) for n in model.students} | {model.num_params("TA") // 2})
+    assert [r["max_params"] for r in rows] == budgets
+    for row in rows:
+        g = model.select(x[0::2], y[0::2], max_params=row["max_params"])
+        assert row["granularity"] == g.to_dict(model.spec)
+        assert row["params"] == model.num_params(g) <= row["max_params"]

@@ -31,9 +31,13 @@ def limit_threads(n: int, backend: str) -> None:
     oversubscribed pool, and a fixed thread count keeps BLAS reductions (and so
     the last bits of every result) the same from machine to machine.
     """
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
         os.environ[var] = str(n)
+    # TensorFlow's inter-op pool schedules ops and runs Keras' input pipeline (the Python batch
+    # generator); the arithmetic runs on the intra-op threads above. With one inter-op thread the
+    # pipeline and the step wait on each other (a Keras-TF step takes about twice as long, with
+    # the same results to the bit, docs/benchmarks.md), so it gets at least two.
+    os.environ["TF_NUM_INTEROP_THREADS"] = str(max(n, 2))
     if backend == "torch" or os.environ.get("KERAS_BACKEND") == "torch":
         from matta.backends.torch import set_num_threads  # framework code lives in the backend
 
@@ -102,13 +106,16 @@ def budget_choices(model, cfg: TaskConfig, ds: data_mod.Dataset) -> list[dict[st
     The budgets are each Student's size times 1.5 and half the TA's. The held-out examples
     alternate between the validation half (``MatTA.select`` ranks by its loss) and the report half.
     """
-    from matta.frontier import name_of
+    from matta.frontier import Budget, check_data, default_metric, measure, name_of, named
 
     x_val, y_val, x_rep, y_rep = ds.x_test[0::2], ds.y_test[0::2], ds.x_test[1::2], ds.y_test[1::2]
     budgets = sorted({int(1.5 * model.num_params(n)) for n in cfg.students} | {model.num_params("TA") // 2})
+    # One scoring of the candidates serves every budget: what MatTA.select(max_params=b) does for each b.
+    x_val, y_val = check_data(model, x_val, y_val, 1)
+    front = measure(model, named(model), x_val, y_val, metric=default_metric(model.options.task), latency=False)
     out = []
     for max_params in budgets:
-        g = model.select(x_val, y_val, max_params=max_params)
+        g = front.select(Budget(max_params=max_params)).granularity
         out.append({"max_params": max_params, "model": name_of(model, g), "granularity": g.to_dict(model.spec),
                     **evaluate_extracted(model.extract(g), x_rep, y_rep)})
     return out

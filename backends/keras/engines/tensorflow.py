@@ -54,7 +54,7 @@ def _group(trainer: Trainer, terms: tuple[Term, ...]):
     """The compiled ``(x, y, parents) -> (loss, parts, outputs, gradients)`` of ``terms``."""
     fn = trainer.group_functions.get(terms)
     if fn is None:
-        _quiet_group_tracing()
+        _quiet_tracing()
 
         @tf.function
         def group_step(x, y, parents):
@@ -95,21 +95,25 @@ def prepare_fit() -> None:
     """Nothing: TensorFlow needs no preparation."""
 
 
-class _GroupTracingFilter:
-    """Drops TensorFlow's "frequent retracing" warning about matta's group functions.
+class _TracingFilter:
+    """Drops TensorFlow's "frequent retracing" warning about matta's one-trace functions.
 
-    Each group is its own ``tf.function``, traced once; TensorFlow counts the traces of every
-    function made from the same Python code together and warns of retracing, which here is wrong.
+    Each compiled group and each plain model's serving call is its own ``tf.function``, traced
+    once; TensorFlow counts the traces of every function made from the same Python code together
+    and warns of retracing, which here is wrong.
     """
 
+    FUNCTIONS = ("_group.<locals>.group_step", "compiled_call.<locals>.<lambda>")
+
     def filter(self, record) -> bool:
-        return "_group.<locals>.group_step" not in record.getMessage()
+        message = record.getMessage()
+        return not any(name in message for name in self.FUNCTIONS)
 
 
-def _quiet_group_tracing() -> None:
+def _quiet_tracing() -> None:
     logger = tf.get_logger()
-    if not any(isinstance(f, _GroupTracingFilter) for f in logger.filters):
-        logger.addFilter(_GroupTracingFilter())
+    if not any(isinstance(f, _TracingFilter) for f in logger.filters):
+        logger.addFilter(_TracingFilter())
 
 
 def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Callable[[Any], Any]:
@@ -123,6 +127,7 @@ def compiled_call(model: keras.Model, spec: Spec, dtype: str) -> Callable[[Any],
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context
 
+    _quiet_tracing()
     shape, kind = ([None, spec.d_in], dtype) if isinstance(spec, MLP) else ([None, None], "int32")
     graph = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec(shape, kind)])
     ctx = context.context()
