@@ -373,7 +373,7 @@ class MatTA:
     # ------------------------------------------------------------------ choosing and shipping
     def frontier(
         self, x_val: Any, y_val: Any, candidates: Any = None, batch_size: int = 1, *,
-        metric: Optional[str] = None, rounds: int = 30,
+        metric: Optional[str] = None, rounds: int = 30, latency: bool = True,
     ) -> Frontier:
         """Parameters, FLOPs, latency and held-out metrics of many models of this run, Pareto rows marked.
 
@@ -389,13 +389,17 @@ class MatTA:
             batch_size: examples per timed call, ``1 <= batch_size <= len(x_val)``.
             metric: the metric rows are ranked by; default ``loss`` (``mse`` for regression).
             rounds: paired timing rounds.
+            latency: whether to time the models; without it the rows carry no latency, and one
+                frontier serves :meth:`~matta.frontier.Frontier.select` for many parameter and
+                FLOP budgets.
 
         Returns:
-            A :class:`~matta.frontier.Frontier`: ``print()`` it, ``.to_rows()``, ``.plot()``.
+            A :class:`~matta.frontier.Frontier`: ``print()`` it, ``.to_rows()``, ``.plot()``, ``.select(budget)``.
         """
         metric = check_metric(self.spec, self.options.task, metric)
         x, y = check_data(self, x_val, y_val, batch_size)
-        return measure(self, named(self, candidates), x, y, batch_size=int(batch_size), metric=metric, rounds=rounds)
+        return measure(self, named(self, candidates), x, y, batch_size=int(batch_size), metric=metric, rounds=rounds,
+                       latency=latency)
 
     def select(
         self, x_val: Any, y_val: Any, max_params: Optional[float] = None, max_flops: Optional[float] = None,
@@ -412,11 +416,9 @@ class MatTA:
             OptionError: a budget that is not a number > 0, or nothing fits; the message then
                 names the smallest achievable figure of each budget.
         """
-        budget = Budget(max_params, max_flops, max_latency_ms)
-        metric = check_metric(self.spec, self.options.task, metric)
-        x, y = check_data(self, x_val, y_val, batch_size)
-        front = measure(self, named(self, candidates), x, y, batch_size=int(batch_size), metric=metric,
-                        rounds=rounds, latency=max_latency_ms is not None)
+        budget = Budget(max_params, max_flops, max_latency_ms)  # checked before any work
+        front = self.frontier(x_val, y_val, candidates, batch_size, metric=metric, rounds=rounds,
+                              latency=max_latency_ms is not None)
         return front.select(budget).granularity
 
     def export_many(

@@ -34,9 +34,9 @@ def limit_threads(n: int, backend: str) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
         os.environ[var] = str(n)
     # TensorFlow's inter-op pool schedules ops and runs Keras' input pipeline (the Python batch
-    # generator); the arithmetic runs on the intra-op threads above. With one inter-op thread the
-    # pipeline and the step wait on each other (a Keras-TF step takes about twice as long, with
-    # the same results to the bit, docs/benchmarks.md), so it gets at least two.
+    # generator); the arithmetic runs on the intra-op threads above, so the results keep every bit.
+    # With one inter-op thread the pipeline and the step wait on each other (docs/benchmarks.md),
+    # so it gets at least two.
     os.environ["TF_NUM_INTEROP_THREADS"] = str(max(n, 2))
     if backend == "torch" or os.environ.get("KERAS_BACKEND") == "torch":
         from matta.backends.torch import set_num_threads  # framework code lives in the backend
@@ -106,13 +106,12 @@ def budget_choices(model, cfg: TaskConfig, ds: data_mod.Dataset) -> list[dict[st
     The budgets are each Student's size times 1.5 and half the TA's. The held-out examples
     alternate between the validation half (``MatTA.select`` ranks by its loss) and the report half.
     """
-    from matta.frontier import Budget, check_data, default_metric, measure, name_of, named
+    from matta.frontier import Budget, name_of
 
     x_val, y_val, x_rep, y_rep = ds.x_test[0::2], ds.y_test[0::2], ds.x_test[1::2], ds.y_test[1::2]
     budgets = sorted({int(1.5 * model.num_params(n)) for n in cfg.students} | {model.num_params("TA") // 2})
     # One scoring of the candidates serves every budget: what MatTA.select(max_params=b) does for each b.
-    x_val, y_val = check_data(model, x_val, y_val, 1)
-    front = measure(model, named(model), x_val, y_val, metric=default_metric(model.options.task), latency=False)
+    front = model.frontier(x_val, y_val, latency=False)
     out = []
     for max_params in budgets:
         g = front.select(Budget(max_params=max_params)).granularity
