@@ -106,7 +106,7 @@ def test_a_non_finite_stop_undoes_the_update_before_it_and_predictions_stay_fini
 
 @pytest.mark.subprocess
 def test_a_run_killed_at_random_moments_and_resumed_ends_within_the_bound(tmp_path):
-    steps = 120
+    steps = 200
     weights, reached = run_killed_and_resumed("keras", tmp_path, kills=2, steps=steps, seed=11)
     assert 0 < reached[0] < reached[1] < steps, reached
     _assert_within_bound(uninterrupted("keras", steps), weights)

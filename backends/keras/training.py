@@ -301,11 +301,16 @@ class _Resumable(keras.callbacks.Callback):
         self.run, self.recorder = run, recorder
         self.previous: Optional[list] = None  # before the last applied update
         self.current: Optional[list] = None  # before the running step's update
+        self._key: tuple = ()  # the ids of the variables the snapshot function copies
+        self._snapshot: Callable[[], list] = list
 
     def on_train_batch_begin(self, batch, logs=None):
         trainer = self.model
-        variables = [*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables]
-        self.previous, self.current = self.current, [(v, ops.copy(v.value)) for v in variables]
+        variables = (*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables)
+        key = tuple(map(id, variables))  # by identity: a Keras variable's == is elementwise
+        if self._key != key:  # the engine's one-call copy of this set of variables
+            self._key, self._snapshot = key, engine.current().snapshot(variables)
+        self.previous, self.current = self.current, list(zip(variables, self._snapshot()))
 
     def on_train_batch_end(self, batch, logs=None):
         # Every step: the variables then hold the steps counted done when an error stops fit.

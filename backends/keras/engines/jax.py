@@ -16,7 +16,7 @@ import keras
 from matta.losses import Term
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit",
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "snapshot",
            "reuse_step_memory", "malloc_left_alone", "STEP_MEMORY_THRESHOLD", "compiled_call", "transposed"]
 
 
@@ -56,6 +56,21 @@ def apply_if_finite(trainer: Trainer, loss, grads, trainable, optimizer_vars):
         lambda: (list(trainable), list(optimizer_vars)),
     )
     return grads_ok, new_trainable, new_optimizer
+
+
+@jax.jit
+def _copies(values):
+    return [jnp.copy(x) for x in values]
+
+
+def snapshot(variables: Sequence[keras.Variable]) -> Callable[[], list]:
+    """``() -> values``: copies of the variables' values, made in one compiled call.
+
+    A copy, not the arrays themselves: Keras' JAX train step donates the state's buffers, so
+    the arrays a variable holds before a step are deleted by it.
+    """
+    variables = list(variables)
+    return lambda: _copies([v.value for v in variables])
 
 
 def _loss_and_grads(trainer: Trainer, trainable, non_trainable, x, y, terms: tuple[Term, ...], parents):

@@ -11,7 +11,8 @@ from matta.losses import Term
 from matta.specs import MLP, Spec
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "compiled_call", "transposed"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "snapshot", "compiled_call",
+           "transposed"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -42,6 +43,16 @@ def apply_if_finite(trainer: Trainer, loss, grads):
 
     tf.cond(tf.logical_and(tf.reduce_all(tf.math.is_finite(loss)), grads_ok), apply, lambda: tf.constant(False))
     return grads_ok
+
+
+def snapshot(variables: Sequence[keras.Variable]) -> Callable[[], list]:
+    """``() -> values``: the variables' values now, read in one graph call instead of two eager ops each.
+
+    The values stay as read: a later assignment to a variable whose value is still referenced
+    writes a new buffer (TensorFlow's copy-on-write for resource variables), as for an eager read.
+    """
+    variables = list(variables)
+    return tf.function(lambda: [tf.identity(v.value) for v in variables], autograph=False)
 
 
 def _loss_and_grads(trainer: Trainer, x, y, terms: tuple[Term, ...], parents):

@@ -11,7 +11,8 @@ from keras import ops
 
 from matta.backends.keras.training import Trainer, all_finite
 
-__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "prefix_reads", "compiled_call", "transposed"]
+__all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "snapshot", "prefix_reads",
+           "compiled_call", "transposed"]
 
 
 def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[Any, Any]]):
@@ -28,6 +29,12 @@ def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[A
     for v in variables:
         v.value.grad = None
     return value, aux, grads
+
+
+def snapshot(variables: Sequence[keras.Variable]) -> Callable[[], list]:
+    """``() -> values``: copies of the variables' values (eager clones; the optimizer updates in place)."""
+    variables = list(variables)
+    return lambda: [v.value.detach().clone() for v in variables]
 
 
 def grads_finite(grads) -> bool:
