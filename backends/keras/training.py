@@ -136,6 +136,7 @@ class Trainer(keras.Model):
         fixed_terms: the terms every step of a varying plan trains (compiled as one group).
         group_functions: the engine's compiled groups, by their terms.
         update_function: the engine's compiled sum of the groups' gradients and rule T4's update.
+        snapshot: ``(ids of the variables, the engine's copy function)``, reused by every ``fit``.
     """
 
     def __init__(self, nested: NestedModel):
@@ -147,6 +148,7 @@ class Trainer(keras.Model):
         object.__setattr__(self, "fixed_terms", frozenset())
         object.__setattr__(self, "group_functions", {})
         object.__setattr__(self, "update_function", None)
+        object.__setattr__(self, "snapshot", ((), list))
         object.__setattr__(self, "planned", {})  # step -> terms, from the batch stream, until the step runs
         self.built = True
 
@@ -301,16 +303,14 @@ class _Resumable(keras.callbacks.Callback):
         self.run, self.recorder = run, recorder
         self.previous: Optional[list] = None  # before the last applied update
         self.current: Optional[list] = None  # before the running step's update
-        self._key: tuple = ()  # the ids of the variables the snapshot function copies
-        self._snapshot: Callable[[], list] = list
 
     def on_train_batch_begin(self, batch, logs=None):
         trainer = self.model
         variables = (*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables)
         key = tuple(map(id, variables))  # by identity: a Keras variable's == is elementwise
-        if self._key != key:  # the engine's one-call copy of this set of variables
-            self._key, self._snapshot = key, engine.current().snapshot(variables)
-        self.previous, self.current = self.current, list(zip(variables, self._snapshot()))
+        if trainer.snapshot[0] != key:  # the engine's one-call copy of this set of variables, built once
+            object.__setattr__(trainer, "snapshot", (key, engine.current().snapshot(variables)))
+        self.previous, self.current = self.current, list(zip(variables, trainer.snapshot[1]()))
 
     def on_train_batch_end(self, batch, logs=None):
         # Every step: the variables then hold the steps counted done when an error stops fit.
