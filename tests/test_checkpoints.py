@@ -283,8 +283,9 @@ def run_killed_and_resumed(backend, tmp_path, kills, steps, seed):
         written = []  # when each of the three checkpoints appeared
         while len(written) < 3:
             assert proc.poll() is None, "the training process ended before its third checkpoint"
-            if _newest_step(directory) > newest:
-                newest = _newest_step(directory)
+            step = _newest_step(directory)
+            if step > newest:
+                newest = step
                 written.append(time.perf_counter())
             time.sleep(0.001)
         time.sleep(rng.uniform(0.0, written[2] - written[1]))

@@ -301,16 +301,19 @@ class _Resumable(keras.callbacks.Callback):
     def __init__(self, run: TrainingRun, recorder: _Recorder):
         super().__init__()
         self.run, self.recorder = run, recorder
-        self.previous: Optional[list] = None  # before the last applied update
-        self.current: Optional[list] = None  # before the running step's update
+        self.variables: tuple = ()  # what the copies are of, fixed for a fit (the optimizer is built first)
+        self.previous: Optional[list] = None  # values before the last applied update
+        self.current: Optional[list] = None  # values before the running step's update
+
+    def on_train_begin(self, logs=None):
+        trainer = self.model
+        self.variables = (*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables)
+        key = tuple(map(id, self.variables))  # by identity: a Keras variable's == is elementwise
+        if trainer.snapshot[0] != key:  # the engine's one-call copy of these variables, built once per trainer
+            object.__setattr__(trainer, "snapshot", (key, engine.current().snapshot(self.variables)))
 
     def on_train_batch_begin(self, batch, logs=None):
-        trainer = self.model
-        variables = (*trainer.trainable_variables, *trainer.non_trainable_variables, *trainer.optimizer.variables)
-        key = tuple(map(id, variables))  # by identity: a Keras variable's == is elementwise
-        if trainer.snapshot[0] != key:  # the engine's one-call copy of this set of variables, built once
-            object.__setattr__(trainer, "snapshot", (key, engine.current().snapshot(variables)))
-        self.previous, self.current = self.current, list(zip(variables, trainer.snapshot[1]()))
+        self.previous, self.current = self.current, self.model.snapshot[1]()
 
     def on_train_batch_end(self, batch, logs=None):
         # Every step: the variables then hold the steps counted done when an error stops fit.
@@ -326,7 +329,7 @@ class _Resumable(keras.callbacks.Callback):
         """Puts back the copy from before the last applied update; whether there was one (rule T4)."""
         if self.previous is None:
             return False
-        for v, value in self.previous:
+        for v, value in zip(self.variables, self.previous):
             v.assign(value)
         self.previous = self.current = None
         return True
