@@ -161,6 +161,7 @@ def test_steps_whose_granularities_vary_train_eagerly_and_follow_the_schedule(sa
 
 
 VARYING_PLANS = {
+    "all": {},  # a static plan: the Transformer still runs it as one group per term
     "mixnmatch-2": {"sampling": "mixnmatch", "num_random": 2},
     "sandwich-1": {"sampling": "sandwich", "num_random": 1},
     "one": {"sampling": "one"},
@@ -173,16 +174,17 @@ VARYING_PLANS = {
 # two blocks: every axis still nests, and each mix is a group of its own.
 VARYING_LM_SPEC = Transformer(vocab_size=23, max_len=12, d_model=32, n_layers=2, n_heads=4, d_ff=64,
                               nested=("d_ff", "n_heads", "d_model"))
-VARYING_CASES = [("mlp", p) for p in sorted(VARYING_PLANS)] + [("transformer", "mixnmatch-2"),
-                                                                 ("transformer", "mixnmatch-chain")]
+VARYING_CASES = [("mlp", p) for p in sorted(VARYING_PLANS) if p != "all"] + [
+    ("transformer", "all"), ("transformer", "mixnmatch-2"), ("transformer", "mixnmatch-chain")]
 
 
 @pytest.mark.parametrize("family,plan", VARYING_CASES, ids=[f"{f}-{p}" for f, p in VARYING_CASES])
-def test_steps_whose_plan_varies_equal_one_eager_step_and_the_torch_backend(family, plan, monkeypatch):
-    """A varying plan runs as compiled groups (every-step terms, each varying term, the update) under TF and
-    JAX. The split must not change a step: per-term losses equal those of the whole step run eagerly as one
-    function (float32 rounding of the gradient sums) and follow torch's step for step (cross-framework
-    rounding, which Adam carries from step to step); each group is traced once."""
+def test_grouped_steps_equal_one_step_and_the_torch_backend(family, plan, monkeypatch):
+    """With stop-gradient a step runs as groups (the Transformer: one term each; the MLP: its every-step terms,
+    then each varying term), each compiled under TF and JAX, then one update. The split must not change a step:
+    per-term losses equal those of the whole step as one function (float32 rounding of the gradient sums) and
+    follow torch's step for step (cross-framework rounding, which Adam carries from step to step); each group
+    is traced once."""
     from matta.backends.keras import _TRAINERS
     from matta.backends.keras.training import Trainer
 
@@ -202,7 +204,6 @@ def test_steps_whose_plan_varies_equal_one_eager_step_and_the_torch_backend(fami
             trainer = _TRAINERS[model.model][1]
             functions, update = dict(trainer.group_functions), trainer.update_function
             drawn = {model.schedule.plan(s, 6).terms for s in range(6)}
-            # A chain parent that is a mix sends its step to the one eager function.
             grouped = [terms for terms in drawn if trainer.groups(terms) is not None]
             # The update sums a list of one loss per group: one signature per distinct number of groups.
             group_counts = {1 + len(trainer.groups(terms)[1]) if terms in grouped else 1 for terms in drawn}
@@ -211,14 +212,21 @@ def test_steps_whose_plan_varies_equal_one_eager_step_and_the_torch_backend(fami
             assert set(k) == set(t), (plan, other, step, k, t)
             np.testing.assert_allclose([k[n] for n in sorted(k)], [t[n] for n in sorted(t)], rtol=rtol,
                                        err_msg=f"{plan}: keras vs {other}, step {step}")
+    if family == "transformer" and options.get("stop_gradient") is not False:
+        # One term's activations at a time: the TA alone first, then every other term alone.
+        assert len(grouped) == len(drawn) and all(trainer.groups(terms)[0] == terms[:1] for terms in drawn)
     if engine.name() == "torch" or options.get("stop_gradient") is False or not grouped:
         # Eager torch, or parents that are not constants: no step is split (JAX compiles each whole plan).
         assert set(functions) <= (drawn if engine.name() == "jax" else set()), sorted(map(str, functions))
     elif engine.name() == "tensorflow":
         distinct = {(t.granularity, t.weight, t.parent) for terms in grouped for t in terms}
         assert update is not None and 1 <= len(functions) <= len(distinct), (plan, len(functions), len(distinct))
-        traces = {str(k): f.experimental_get_tracing_count() for k, f in {**functions, "update": update}.items()}
+        traces = {str(k): f.experimental_get_tracing_count() for k, f in functions.items()}
         assert set(traces.values()) == {1}, traces
+        # The update sums a list of one loss per group: one trace per distinct number of groups (a step
+        # that is one group runs eagerly here, without it).
+        counts = {1 + len(trainer.groups(terms)[1]) for terms in grouped}
+        assert update.experimental_get_tracing_count() == len(counts), counts
     else:
         assert update is not None and functions, sorted(map(str, functions))
         compiled = {str(k): f._cache_size() for k, f in functions.items()}

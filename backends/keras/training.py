@@ -15,23 +15,28 @@ Design choices:
   Mix'n'Match granularity has its own). ``λ(t)`` changes every step but is a
   number, so it travels *in the batch* as a tensor: one compiled function covers
   the whole ramp. When the schedule draws no Student
-  (:meth:`matta.losses.Schedule.static_terms`, rule T2) the step is compiled once,
-  and a step whose plan trains other terms stops ``fit`` with
-  :class:`matta.errors.OptionError`. Otherwise Keras runs the step eagerly
-  (``run_eagerly=True``) and each step trains the plan the batch stream gave it. A
-  plan is then the terms every step trains (:meth:`matta.losses.Schedule.fixed_terms`)
-  plus a few drawn ones, and the pairs of random mixes are too many to compile a
-  step for each (27 mixes of a two-block Transformer make 729 ordered pairs). So,
-  under TensorFlow and JAX, each *group* is compiled once: the every-step terms as
-  one function (its loss, gradients and outputs), each drawn term as its own
-  function keyed by its granularity, weight and parent (fed the parent's outputs,
-  which rule L3's stop-gradient makes a constant), and one update function that
-  sums the gradients, checks rule T4 and applies the optimizer. After at most one
-  compilation per distinct granularity, every step runs compiled code
-  (``docs/benchmarks.md``). With ``stop_gradient=False``, or a parent that is itself
-  a drawn term (a chain), the whole step is one group: eager under TensorFlow,
-  compiled per distinct plan under JAX. Pass ``run_eagerly``/``jit_compile`` to
-  override where that choice is wrong for you.
+  (:meth:`matta.losses.Schedule.static_terms`, rule T2) every step trains the same
+  terms, and a step whose plan trains other terms stops ``fit`` with
+  :class:`matta.errors.OptionError`; otherwise each step trains the plan the batch
+  stream gave it, and the pairs of random mixes are too many to compile a step for
+  each (27 mixes of a two-block Transformer make 729 ordered pairs).
+* **Groups: one term's activations at a time.** With rule L3's stop-gradient, a
+  term's loss reaches the weights only through its own output, so a step runs as
+  *groups*, one after another, each its own compiled function (its loss, gradients
+  and outputs) that frees its activations before the next one runs, then one
+  compiled update that sums the gradients, checks rule T4 and applies the
+  optimizer (:meth:`Trainer.groups`): the first group holds the TA (the MLP's, the
+  Students every step trains too), and every later term is a group keyed by its
+  granularity and weight, fed its parent's outputs as a constant. Keras then runs
+  the step eagerly (``run_eagerly=True``) around compiled groups, and after at most
+  one compilation per distinct granularity every step runs compiled code. A step
+  that is one group (a static MLP plan) is compiled whole by Keras. With
+  ``stop_gradient=False`` a parent's graph is needed by its children and the whole
+  step is one group: compiled by Keras for a static plan, else eager under
+  TensorFlow and compiled per distinct plan under JAX. Pass
+  ``run_eagerly``/``jit_compile`` to override where that choice is wrong for you
+  (``run_eagerly=False`` compiles a static plan whole, holding every term's
+  activations until one backward).
 * **NaN/Inf (rule T4).** The step applies its update only if its loss and all
   its gradients are finite (each engine's ``apply_if_finite``), and a callback
   stops ``fit`` at that step; another puts back its copy of the weights and
@@ -58,6 +63,7 @@ from keras import ops
 
 from matta.errors import OptionError
 from matta.losses import TA, LossOptions, StepPlan, Targets, Term, composite_loss
+from matta.specs import MLP
 from matta.training import TrainingRun
 from matta.backends.keras import engine
 from matta.backends.keras.models import NestedModel
@@ -123,8 +129,8 @@ def all_finite(grads):
     return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
 
 
-#: The name of a drawn term inside its own compiled group.
-_DRAWN = "_drawn"
+#: The name of a later term inside its own compiled group, and of its parent there (:meth:`Trainer.run_groups`).
+_DRAWN, _PARENT = "_drawn", "_parent"
 
 
 class Trainer(keras.Model):
@@ -132,8 +138,9 @@ class Trainer(keras.Model):
 
     Attributes:
         run_info: the run ``fit`` trains.
-        static_terms: the terms of every step when the schedule draws none (one compiled step).
-        fixed_terms: the terms every step of a varying plan trains (compiled as one group).
+        static_terms: the terms of every step when the schedule draws none (rule T2).
+        step_compiled: whether Keras compiles the whole step (``run_eagerly=False``), so it runs as one function.
+        fixed_terms: the terms every step trains (the MLP's first group, :meth:`groups`).
         group_functions: the engine's compiled groups, by their terms.
         update_function: the engine's compiled sum of the groups' gradients and rule T4's update.
         snapshot: ``(ids of the variables, the engine's copy function)``, reused by every ``fit``.
@@ -144,6 +151,7 @@ class Trainer(keras.Model):
         self.nested = nested
         self.run_info: Optional[TrainingRun] = None
         self.static_terms: Optional[tuple[Term, ...]] = None
+        self.step_compiled = False  # whether Keras compiles the whole step (run_eagerly=False)
         # Set past Keras' attribute tracking, which would wrap the containers and walk the functions in them.
         object.__setattr__(self, "fixed_terms", frozenset())
         object.__setattr__(self, "group_functions", {})
@@ -188,41 +196,59 @@ class Trainer(keras.Model):
         return fn
 
     def groups(self, terms: tuple[Term, ...]) -> Optional[tuple[tuple[Term, ...], tuple[Term, ...]]]:
-        """``(every-step terms, drawn terms)`` of a varying plan, or ``None`` where the step is one group.
+        """``(first group, later terms)``: the step's terms as groups run one after another, or ``None`` for one function.
 
-        A drawn term's parent must be an every-step term, whose outputs rule L3's stop-gradient
-        makes a constant to the drawn term's group.
+        With rule L3's stop-gradient a term's loss reaches the weights only through its own
+        output (its parent's output enters as a constant), so each group runs forward and
+        backward on its own and frees its activations before the next one runs: the step holds
+        one group's activations, not every term's (the torch backend's term-by-term backward).
+        The first group holds the TA; each later term is a group of its own, in the plan's order
+        (largest first, rule T1), so every parent ran in an earlier group. The Transformer's TA
+        is a group alone. The MLP's first group is the TA with the Students every step trains:
+        they share its first layer (:meth:`NestedModel.run_many`), and its activations are small
+        next to its weights, so a static MLP plan stays one function.
+
+        ``None`` too where Keras compiles the whole step (``run_eagerly=False``): a compiled
+        function cannot call the groups' own compiled functions one after another.
         """
         run = self.run_info
         assert run is not None
-        if not self.fixed_terms or not run.options.stop_gradient:  # empty when every step is the same
+        if not run.options.stop_gradient or self.step_compiled:
             return None
-        fixed = tuple(t for t in terms if t in self.fixed_terms)
-        names = {t.name for t in fixed}
-        drawn = tuple(t for t in terms if t not in self.fixed_terms)
-        # Every parent must come from the every-step group (a chain parent can be a mix).
-        if TA not in names or any(t.parent is not None and t.parent not in names for t in terms):
+        if isinstance(self.nested.spec, MLP):
+            first = tuple(t for t in terms if t in self.fixed_terms)
+        else:
+            first = terms[:1]
+        names = {t.name for t in first}
+        if TA not in names or any(t.parent is not None and t.parent not in names for t in first):
             return None
-        return fixed, drawn
+        later = tuple(t for t in terms if t not in first)
+        return (first, later) if later else None
 
-    def run_groups(self, run_group: Callable, fixed: tuple[Term, ...], drawn: tuple[Term, ...]):
-        """``(parts, losses, gradient lists)`` of the every-step group, then of each drawn term.
+    def run_groups(self, run_group: Callable, first: tuple[Term, ...], later: tuple[Term, ...]):
+        """``(parts, losses, gradients)``: the first group, then each later term, the gradients summed as they come.
 
-        Each drawn term runs as a one-term group named ``_DRAWN``, so that ``mix0`` and ``mix1``
-        of the same granularity share one compiled function.
+        Each later term runs as a one-term group named ``_DRAWN`` whose parent is named
+        ``_PARENT``, so that terms of the same granularity and weight (``mix0`` and ``mix1``, or a
+        chain's Student under different parents) share one compiled function. The running sum
+        of the gradients goes into each group, which adds its own (in place where the engine
+        can): one gradient list is alive between groups, not one per group.
 
         Args:
-            run_group: the engine's ``(terms, parents) -> (loss, parts, outputs, gradients)``.
+            run_group: the engine's ``(terms, parents, gradients so far or None) -> (loss, parts, outputs, gradients)``.
         """
-        loss, parts, outputs, grads = run_group(fixed, {})
-        parts, losses, grad_lists = dict(parts), [loss], [grads]
-        for term in drawn:
-            one = Term(_DRAWN, term.granularity, term.weight, term.parent)
-            loss_t, parts_t, _, grads_t = run_group((one,), {term.parent: outputs[term.parent]})
+        loss, parts, outputs, grads = run_group(first, {}, None)
+        parents = {t.parent for t in later}
+        kept = {name: out for name, out in outputs.items() if name in parents}  # the outputs later terms distil from
+        parts, losses = dict(parts), [loss]
+        for term in later:
+            one = Term(_DRAWN, term.granularity, term.weight, _PARENT)
+            loss_t, parts_t, outputs_t, grads = run_group((one,), {_PARENT: kept[term.parent]}, grads)
+            if term.name in parents:  # a chain's parent
+                kept[term.name] = outputs_t[_DRAWN]
             parts[term.name] = parts_t[_DRAWN]
             losses.append(loss_t)
-            grad_lists.append(grads_t)
-        return parts, losses, grad_lists
+        return parts, losses, grads
 
     @staticmethod
     def logs(loss, parts, y, grads_ok):
@@ -419,13 +445,16 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     if not isinstance(callbacks, (list, tuple)) or not all(isinstance(c, keras.callbacks.Callback) for c in callbacks):
         raise OptionError("callbacks must be a list of keras.callbacks.Callback")
     static = run.schedule.static_terms()
-    run_eagerly = kwargs.get("run_eagerly", static is None)
-    if not run_eagerly and static is None:
-        raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
     if static is not None and run.schedule.plan(0, run.steps).terms != static:
         raise _off_plan(run, 0, static)
-    trainer.run_info, trainer.static_terms = run, static
-    object.__setattr__(trainer, "fixed_terms", frozenset() if static is not None else run.schedule.fixed_terms())
+    trainer.run_info, trainer.static_terms, trainer.step_compiled = run, static, False
+    object.__setattr__(trainer, "fixed_terms", frozenset(static) if static is not None else run.schedule.fixed_terms())
+    # Keras compiles the step when every step is one function; a step of several groups runs them
+    # eagerly, each compiled on its own (Trainer.groups).
+    run_eagerly = kwargs.get("run_eagerly", static is None or trainer.groups(static) is not None)
+    if not run_eagerly and static is None:
+        raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
+    trainer.step_compiled = not run_eagerly
     trainer.planned.clear()
     # compile() drops Keras' compiled train function. The trace depends only on the step's terms, the
     # loss options and these flags, so a later fit() with the same ones reuses it instead of tracing

@@ -82,22 +82,25 @@ def _loss_and_grads(trainer: Trainer, trainable, non_trainable, x, y, terms: tup
 
 
 def _group(trainer: Trainer, terms: tuple[Term, ...]):
-    """``jit((trainable, non_trainable, x, y, parents) -> (loss, parts, outputs, gradients))`` of ``terms``."""
+    """``jit((trainable, non_trainable, x, y, parents, gradients so far) -> (loss, parts, outputs, gradients))`` of ``terms``.
+
+    The gradients so far are donated: the group adds its own into their buffers.
+    """
     fn = trainer.group_functions.get(terms)
     if fn is None:
-        def group_step(trainable, non_trainable, x, y, parents):
-            return _loss_and_grads(trainer, trainable, non_trainable, x, y, terms, parents)
+        def group_step(trainable, non_trainable, x, y, parents, acc):
+            loss, parts, outputs, grads = _loss_and_grads(trainer, trainable, non_trainable, x, y, terms, parents)
+            return loss, parts, outputs, grads if acc is None else [a + g for a, g in zip(acc, grads)]
 
-        fn = trainer.group_functions[terms] = jax.jit(group_step)
+        fn = trainer.group_functions[terms] = jax.jit(group_step, donate_argnums=5)
     return fn
 
 
 def _update(trainer: Trainer):
-    """``jit``: the sum of the groups' losses and gradients, rule T4's check and the update."""
+    """``jit``: the sum of the groups' losses, rule T4's check and the update."""
     if trainer.update_function is None:
-        def update(trainable, optimizer_vars, losses, grad_lists):
+        def update(trainable, optimizer_vars, losses, grads):
             loss = sum(losses[1:], losses[0])
-            grads = [sum(g[1:], g[0]) for g in zip(*grad_lists)]
             return (loss, *apply_if_finite(trainer, loss, grads, trainable, optimizer_vars))
 
         object.__setattr__(trainer, "update_function", jax.jit(update))
@@ -105,21 +108,23 @@ def _update(trainer: Trainer):
 
 
 def train_step(trainer: Trainer, state, data):
-    """One MatTA step on Keras' JAX state: jit-compiled whole by Keras for a static plan; else compiled groups.
+    """One MatTA step on Keras' JAX state: jit-compiled whole by Keras (``run_eagerly=False``), else compiled groups.
 
-    Where a varying plan cannot be split (:meth:`Trainer.groups` is ``None``), the whole step is one
-    group, compiled per distinct plan: JAX's op-by-op dispatch is far slower than a compiled step.
+    Where a step is one group (:meth:`Trainer.groups` is ``None``), that group is compiled per
+    distinct plan: JAX's op-by-op dispatch is far slower than a compiled step.
     """
     x, y = data
     trainable, non_trainable, optimizer_vars, metrics_vars = state
     terms = trainer.terms(y)
-    if trainer.static_terms is not None:
+    if trainer.step_compiled:
         loss, parts, _, grads = _loss_and_grads(trainer, trainable, non_trainable, x, y, terms, {})
         grads_ok, new_trainable, new_optimizer = apply_if_finite(trainer, loss, grads, trainable, optimizer_vars)
     else:
-        group = lambda terms, parents: _group(trainer, terms)(trainable, non_trainable, x, y, parents)  # noqa: E731
-        parts, losses, grad_lists = trainer.run_groups(group, *(trainer.groups(terms) or (terms, ())))
-        loss, grads_ok, new_trainable, new_optimizer = _update(trainer)(trainable, optimizer_vars, losses, grad_lists)
+        def group(terms, parents, acc):
+            return _group(trainer, terms)(trainable, non_trainable, x, y, parents, acc)
+
+        parts, losses, grads = trainer.run_groups(group, *(trainer.groups(terms) or (terms, ())))
+        loss, grads_ok, new_trainable, new_optimizer = _update(trainer)(trainable, optimizer_vars, losses, grads)
     return trainer.logs(loss, parts, y, grads_ok), (new_trainable, non_trainable, new_optimizer, metrics_vars)
 
 

@@ -62,33 +62,34 @@ def _loss_and_grads(trainer: Trainer, x, y, terms: tuple[Term, ...], parents):
 
 
 def _group(trainer: Trainer, terms: tuple[Term, ...]):
-    """The compiled ``(x, y, parents) -> (loss, parts, outputs, gradients)`` of ``terms``."""
+    """The compiled ``(x, y, parents, gradients so far) -> (loss, parts, outputs, gradients)`` of ``terms``."""
     fn = trainer.group_functions.get(terms)
     if fn is None:
         _quiet_tracing()
 
         @tf.function
-        def group_step(x, y, parents):
-            return _loss_and_grads(trainer, x, y, terms, parents)
+        def group_step(x, y, parents, acc):
+            loss, parts, outputs, grads = _loss_and_grads(trainer, x, y, terms, parents)
+            return loss, parts, outputs, grads if acc is None else [a + g for a, g in zip(acc, grads)]
 
         fn = trainer.group_functions[terms] = group_step
     return fn
 
 
 def _update(trainer: Trainer):
-    """The compiled sum of the groups' losses and gradients, rule T4's check and the update."""
+    """The compiled sum of the groups' losses, rule T4's check and the update."""
     if trainer.update_function is None:
         @tf.function
-        def update(losses, grad_lists):
+        def update(losses, grads):
             loss = tf.add_n(losses)
-            return loss, apply_if_finite(trainer, loss, [tf.add_n(list(g)) for g in zip(*grad_lists)])
+            return loss, apply_if_finite(trainer, loss, grads)
 
         object.__setattr__(trainer, "update_function", update)
     return trainer.update_function
 
 
 def train_step(trainer: Trainer, data):
-    """One MatTA step: compiled by Keras for a static plan; eager over compiled groups for a varying one."""
+    """One MatTA step: one function (compiled whole by Keras, or eager), or eager over compiled groups (:meth:`Trainer.groups`)."""
     x, y = data
     terms = trainer.terms(y)
     groups = trainer.groups(terms)
@@ -96,9 +97,9 @@ def train_step(trainer: Trainer, data):
         loss, parts, _, grads = _loss_and_grads(trainer, x, y, terms, {})
         grads_ok = apply_if_finite(trainer, loss, grads)
     else:
-        parts, losses, grad_lists = trainer.run_groups(
-            lambda group, parents: _group(trainer, group)(x, y, parents), *groups)
-        loss, grads_ok = _update(trainer)(losses, grad_lists)
+        parts, losses, grads = trainer.run_groups(
+            lambda group, parents, acc: _group(trainer, group)(x, y, parents, acc), *groups)
+        loss, grads_ok = _update(trainer)(losses, grads)
     return trainer.logs(loss, parts, y, grads_ok)
 
 

@@ -60,13 +60,36 @@ def apply_if_finite(trainer: Trainer, loss, grads) -> bool:
     return grads_ok
 
 
+def _backward(trainer: Trainer, x, y, terms, parents, acc=None):
+    """``(loss, parts, outputs, None)`` of ``terms`` on ``(x, y)``: the backward adds their gradients into ``.grad``.
+
+    Gradients accumulate in the variables' ``.grad`` from group to group (torch's own running
+    sum, in place), so ``acc`` is unused; the backward frees the group's graph.
+    """
+    loss, (parts, outputs) = trainer.loss_fn(x, y, terms, parents)()
+    loss.backward()
+    return loss.detach(), parts, {k: v.detach() for k, v in outputs.items()}, None
+
+
 def train_step(trainer: Trainer, data):
-    """One MatTA step, eager: the step's terms as one function and one update."""
+    """One MatTA step, eager: its groups one after another (:meth:`Trainer.groups`) or the step whole, then one update."""
     x, y = data
     terms = trainer.terms(y)
-    loss, (parts, _), grads = value_and_grad(trainer.trainable_variables, trainer.loss_fn(x, y, terms, {}))
+    variables = trainer.trainable_variables
+    for v in variables:
+        v.value.grad = None
+    groups = trainer.groups(terms)
+    if groups is None:
+        loss, parts, _, _ = _backward(trainer, x, y, terms, {})
+    else:
+        parts, losses, _ = trainer.run_groups(lambda group, parents, acc: _backward(trainer, x, y, group, parents),
+                                              *groups)
+        loss = sum(losses[1:], losses[0])
+    grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
+    for v in variables:
+        v.value.grad = None
     grads_ok = apply_if_finite(trainer, loss, grads)
-    return trainer.logs(loss.detach(), {k: v.detach() for k, v in parts.items()}, y, grads_ok)
+    return trainer.logs(loss, {k: v.detach() for k, v in parts.items()}, y, grads_ok)
 
 
 def prepare_fit() -> None:
