@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/run.py [--smoke] [--json PATH] [--backends torch,keras-tensorflow,keras-jax,keras-torch]
+    python benchmarks/run.py [--smoke] [--json PATH] [--backends torch,keras-tensorflow,keras-jax,keras-torch] [--distributed]
 
 Every figure is a ratio of two timings taken side by side, round-robin, in
 one run (the machines are noisy); absolute seconds are printed beside them
@@ -29,11 +29,13 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="torch", help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch")
     parser.add_argument("--skip", default="",
                         help="comma-separated sections to skip: training, serving, paths, frontier, extraction, memory, gpt2")
+    parser.add_argument("--distributed", action="store_true",
+                        help="also time torch data-parallel training: 1 process against 2 under torchrun")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     steps, repeats = (2, 1) if args.smoke else (10, 5)
     results: dict = {"machine": machine(), "smoke": args.smoke, "training": [], "serving": [], "paths": [], "frontier": [],
-                     "extraction": {}, "memory": [], "gpt2": {}}
+                     "extraction": {}, "memory": [], "gpt2": {}, "distributed": []}
 
     for backend in filter(None, args.backends.split(",")):
         if backend == "torch":
@@ -69,6 +71,10 @@ def main(argv=None) -> int:
         from benchmarks import memory_bench
 
         results["memory"] = memory_bench.run(args.smoke, [b for b in args.backends.split(",") if b])
+    if args.distributed:
+        from benchmarks import distributed_bench
+
+        results["distributed"] = distributed_bench.run(args.smoke)
     if "gpt2" not in skip:
         from benchmarks import gpt2_bench
 
@@ -133,6 +139,13 @@ def _print(r: dict) -> None:
     if r["memory"]:
         print("\nPeak RSS of training (MatTA vs the TA alone)")
         print(table(r["memory"], ["workload", "backend", "matta_rss_mb", "ta_rss_mb", "rss_ratio", "matta_delta_mb", "ta_delta_mb", "delta_ratio"]))
+    if r.get("distributed"):
+        from benchmarks.distributed_bench import COLUMNS
+
+        print("\nData-parallel training, torch, gloo (1 process vs 2 under torchrun; the processes share this machine's cores)")
+        print(table(r["distributed"], COLUMNS))
+        print("(overhead_s = 2-process step - 1-process step at half the batch: communication, synchronisation and "
+              "core sharing together, an upper bound on communication)")
     if r.get("gpt2"):
         from benchmarks.gpt2_bench import COLUMNS
 

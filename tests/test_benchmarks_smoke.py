@@ -34,3 +34,19 @@ def test_benchmark_smoke_mode_writes_every_ratio(tmp_path):
     assert {row["workload"] for row in r["training"]} == {"mlp", "transformer"}
     assert all(math.isfinite(x) and x > 0 for x in ratios), ratios
     assert r["extraction"]["student_params"] < r["extraction"]["ta_params"]
+
+
+def test_the_distributed_benchmark_times_one_and_two_processes(tmp_path):
+    """``--distributed`` launches 1 and 2 torch processes and reports their throughput and the 2-process overhead."""
+    out = tmp_path / "bench.json"
+    skip = "training,serving,paths,frontier,extraction,memory,gpt2"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--smoke", "--distributed",
+                           "--skip", skip, "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Data-parallel training" in proc.stdout
+    rows = json.loads(out.read_text())["distributed"]
+    assert [(row["workload"], row["strategy"]) for row in rows] == [("mlp", "ddp")]
+    for row in rows:
+        assert all(math.isfinite(row[k]) and row[k] > 0 for k in
+                   ("examples_per_s_1p", "examples_per_s_2p", "speedup", "step_s_2p", "step_s_1p_half")), row
+        assert math.isfinite(row["overhead_s"]) and row["overhead_s"] == row["step_s_2p"] - row["step_s_1p_half"]
