@@ -195,7 +195,7 @@ def test_grouped_steps_equal_one_step_and_the_torch_backend(family, plan, monkey
     for name in ("torch", "keras", "keras-one-step"):
         with monkeypatch.context() as patch:
             if name == "keras-one-step":
-                patch.setattr(Trainer, "groups", lambda self, terms: None)  # the whole step as one function
+                patch.setattr(Trainer, "split", lambda self, terms: None)  # the whole step as one function
             model = MatTA(spec, students={"S": 0.25, "M": 0.5}, backend=name.split("-")[0], seed=11,
                           learning_rate=3e-3, distill_weight=0.5, ramp_end=2, **options)
             history = model.fit(x, y, steps=6, batch_size=32, progress=False)["steps"]

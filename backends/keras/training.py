@@ -68,7 +68,7 @@ from matta.training import TrainingRun
 from matta.backends.keras import engine
 from matta.backends.keras.models import NestedModel
 
-__all__ = ["KerasOps", "OPS", "Trainer", "all_finite", "make_optimizer", "fit"]
+__all__ = ["KerasOps", "OPS", "Trainer", "add_gradients", "all_finite", "make_optimizer", "fit"]
 
 
 class KerasOps:
@@ -127,6 +127,11 @@ def all_finite(grads):
     pass over each gradient.
     """
     return ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in grads]))
+
+
+def add_gradients(so_far, grads):
+    """``grads`` added to the gradients ``so_far`` of the step's earlier groups (``None`` for its first group)."""
+    return grads if so_far is None else [a + g for a, g in zip(so_far, grads)]
 
 
 #: The name of a later term inside its own compiled group, and of its parent there (:meth:`Trainer.run_groups`).
@@ -196,6 +201,13 @@ class Trainer(keras.Model):
         return fn
 
     def groups(self, terms: tuple[Term, ...]) -> Optional[tuple[tuple[Term, ...], tuple[Term, ...]]]:
+        """:meth:`split`, or ``None`` where Keras compiles the whole step (``run_eagerly=False``).
+
+        A compiled function cannot call the groups' own compiled functions one after another.
+        """
+        return None if self.step_compiled else self.split(terms)
+
+    def split(self, terms: tuple[Term, ...]) -> Optional[tuple[tuple[Term, ...], tuple[Term, ...]]]:
         """``(first group, later terms)``: the step's terms as groups run one after another, or ``None`` for one function.
 
         With rule L3's stop-gradient a term's loss reaches the weights only through its own
@@ -207,13 +219,10 @@ class Trainer(keras.Model):
         is a group alone. The MLP's first group is the TA with the Students every step trains:
         they share its first layer (:meth:`NestedModel.run_many`), and its activations are small
         next to its weights, so a static MLP plan stays one function.
-
-        ``None`` too where Keras compiles the whole step (``run_eagerly=False``): a compiled
-        function cannot call the groups' own compiled functions one after another.
         """
         run = self.run_info
         assert run is not None
-        if not run.options.stop_gradient or self.step_compiled:
+        if not run.options.stop_gradient:
             return None
         if isinstance(self.nested.spec, MLP):
             first = tuple(t for t in terms if t in self.fixed_terms)
@@ -447,11 +456,11 @@ def fit(trainer: Trainer, run: TrainingRun, optimizer: keras.optimizers.Optimize
     static = run.schedule.static_terms()
     if static is not None and run.schedule.plan(0, run.steps).terms != static:
         raise _off_plan(run, 0, static)
-    trainer.run_info, trainer.static_terms, trainer.step_compiled = run, static, False
+    trainer.run_info, trainer.static_terms = run, static
     object.__setattr__(trainer, "fixed_terms", frozenset(static) if static is not None else run.schedule.fixed_terms())
     # Keras compiles the step when every step is one function; a step of several groups runs them
-    # eagerly, each compiled on its own (Trainer.groups).
-    run_eagerly = kwargs.get("run_eagerly", static is None or trainer.groups(static) is not None)
+    # eagerly, each compiled on its own (Trainer.split).
+    run_eagerly = kwargs.get("run_eagerly", static is None or trainer.split(static) is not None)
     if not run_eagerly and static is None:
         raise OptionError("run_eagerly=False needs the same granularities at every step (sampling='all')")
     trainer.step_compiled = not run_eagerly

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import keras
 
 from matta.losses import Term
-from matta.backends.keras.training import Trainer, all_finite
+from matta.backends.keras.training import Trainer, add_gradients, all_finite
 
 __all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "snapshot",
            "reuse_step_memory", "malloc_left_alone", "STEP_MEMORY_THRESHOLD", "compiled_call", "transposed"]
@@ -90,7 +90,7 @@ def _group(trainer: Trainer, terms: tuple[Term, ...]):
     if fn is None:
         def group_step(trainable, non_trainable, x, y, parents, acc):
             loss, parts, outputs, grads = _loss_and_grads(trainer, trainable, non_trainable, x, y, terms, parents)
-            return loss, parts, outputs, grads if acc is None else [a + g for a, g in zip(acc, grads)]
+            return loss, parts, outputs, add_gradients(acc, grads)
 
         fn = trainer.group_functions[terms] = jax.jit(group_step, donate_argnums=5)
     return fn

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from matta.losses import Term
 from matta.specs import MLP, Spec
-from matta.backends.keras.training import Trainer, all_finite
+from matta.backends.keras.training import Trainer, add_gradients, all_finite
 
 __all__ = ["value_and_grad", "grads_finite", "apply_if_finite", "train_step", "prepare_fit", "snapshot", "compiled_call",
            "transposed"]
@@ -70,7 +70,7 @@ def _group(trainer: Trainer, terms: tuple[Term, ...]):
         @tf.function
         def group_step(x, y, parents, acc):
             loss, parts, outputs, grads = _loss_and_grads(trainer, x, y, terms, parents)
-            return loss, parts, outputs, grads if acc is None else [a + g for a, g in zip(acc, grads)]
+            return loss, parts, outputs, add_gradients(acc, grads)
 
         fn = trainer.group_functions[terms] = group_step
     return fn

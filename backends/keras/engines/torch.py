@@ -21,14 +21,22 @@ def value_and_grad(variables: Sequence[keras.Variable], fn: Callable[[], tuple[A
     The variables' ``.grad`` are cleared before and after, so nothing accumulates across calls.
     """
     variables = list(variables)
-    for v in variables:
-        v.value.grad = None
+    _clear_grads(variables)
     value, aux = fn()
     value.backward()
-    grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
+    return value, aux, _take_grads(variables)
+
+
+def _clear_grads(variables: Sequence[keras.Variable]) -> None:
     for v in variables:
         v.value.grad = None
-    return value, aux, grads
+
+
+def _take_grads(variables: Sequence[keras.Variable]) -> list:
+    """The gradients the backward passes left in ``.grad`` (zeros where none), then cleared."""
+    grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
+    _clear_grads(variables)
+    return grads
 
 
 def snapshot(variables: Sequence[keras.Variable]) -> Callable[[], list]:
@@ -60,11 +68,11 @@ def apply_if_finite(trainer: Trainer, loss, grads) -> bool:
     return grads_ok
 
 
-def _backward(trainer: Trainer, x, y, terms, parents, acc=None):
+def _backward(trainer: Trainer, x, y, terms, parents):
     """``(loss, parts, outputs, None)`` of ``terms`` on ``(x, y)``: the backward adds their gradients into ``.grad``.
 
     Gradients accumulate in the variables' ``.grad`` from group to group (torch's own running
-    sum, in place), so ``acc`` is unused; the backward frees the group's graph.
+    sum, in place), so no gradient list is returned; the backward frees the group's graph.
     """
     loss, (parts, outputs) = trainer.loss_fn(x, y, terms, parents)()
     loss.backward()
@@ -76,19 +84,15 @@ def train_step(trainer: Trainer, data):
     x, y = data
     terms = trainer.terms(y)
     variables = trainer.trainable_variables
-    for v in variables:
-        v.value.grad = None
+    _clear_grads(variables)
     groups = trainer.groups(terms)
     if groups is None:
         loss, parts, _, _ = _backward(trainer, x, y, terms, {})
     else:
-        parts, losses, _ = trainer.run_groups(lambda group, parents, acc: _backward(trainer, x, y, group, parents),
+        parts, losses, _ = trainer.run_groups(lambda group, parents, _: _backward(trainer, x, y, group, parents),
                                               *groups)
         loss = sum(losses[1:], losses[0])
-    grads = [torch.zeros_like(v.value) if v.value.grad is None else v.value.grad for v in variables]
-    for v in variables:
-        v.value.grad = None
-    grads_ok = apply_if_finite(trainer, loss, grads)
+    grads_ok = apply_if_finite(trainer, loss, _take_grads(variables))
     return trainer.logs(loss, {k: v.detach() for k, v in parts.items()}, y, grads_ok)
 
 
